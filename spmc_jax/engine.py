@@ -1,0 +1,524 @@
+"""The vectorized federation: one round = vmap(client) → model attack → aggregate → new global.
+
+Shapes are static for the whole run (padded client index rows, a fixed step count with a
+per-client step mask), so a block of rounds is one jitted `lax.scan` and compiles once.
+All data lives on device as uint8 and is passed to the jitted functions as arguments (never
+closed over as constants).
+
+Randomness: one root key `PRNGKey(seed)` split by role (init, rounds); each round folds in
+its index; each registered client gets `split(round_key, N)[id]`, so a client's randomness
+depends on its id, not on its position in the round. The partition and the per-sample
+poisoning draw are host-side NumPy seeded by `seed` (identical on every backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spmc_jax import spmc as spmc_lib
+from spmc_jax.aggregators import AggregatorEnv, RoundContext, get_aggregator
+from spmc_jax.aggregators.base import sanitize
+from spmc_jax.attacks import AttackEnv, parse_attack
+from spmc_jax.attacks.base import DataAttack, ModelAttack
+from spmc_jax.attacks.base_backdoor import base as base_trigger
+from spmc_jax.client import (
+    ClientData,
+    ClientTask,
+    SpmcClientOptions,
+    make_local_train,
+    make_optimizer,
+)
+from spmc_jax.config import Config
+from spmc_jax.data import partition as part_lib
+from spmc_jax.data.pipeline import make_test_transform, make_train_transform
+from spmc_jax.data.types import INPUT_SHAPE, Dataset
+from spmc_jax.flat import Flattener
+from spmc_jax.metrics import make_evaluator
+from spmc_jax.models import get_model
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Host-side, static description of a run (what `--dry-run` writes)."""
+
+    config: Config
+    dataset: str
+    dataset_source: str
+    n_train: int
+    n_test: int
+    client_pool: int
+    proxy_indices: np.ndarray
+    partition: part_lib.PaddedPartition
+    label_hist: np.ndarray
+    malicious: np.ndarray  # (N,) bool over registered clients
+    steps_per_epoch: int
+    epochs: int
+    num_params: int
+    dim: int
+    memory: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        sizes = self.partition.sizes
+        return {
+            "dataset": self.dataset,
+            "dataset_source": self.dataset_source,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "client_pool": self.client_pool,
+            "proxy_size": int(len(self.proxy_indices)),
+            "clients": [
+                {
+                    "id": i,
+                    "samples": int(sizes[i]),
+                    "batches_per_epoch": int(sizes[i] // self.config.batch_size),
+                    "malicious": bool(self.malicious[i]),
+                    "label_histogram": self.label_hist[i].astype(int).tolist(),
+                }
+                for i in range(len(sizes))
+            ][:1000],
+            "clients_listed": int(min(len(sizes), 1000)),
+            "malicious_ids": np.flatnonzero(self.malicious).astype(int).tolist()[:1000],
+            "max_samples": int(self.partition.max_samples),
+            "steps_per_epoch": self.steps_per_epoch,
+            "local_epochs": self.epochs,
+            "num_params": self.num_params,
+            "flat_dim": self.dim,
+            "memory_estimate_bytes": self.memory,
+        }
+
+
+def _subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds.y_train):
+        return ds
+    idx = part_lib.stratified_subsample(ds.y_train, n, seed=seed)
+    return dataclasses.replace(
+        ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx], source=f"{ds.source} (subsample {n})"
+    )
+
+
+def resolve_conv_impl(cfg: Config) -> str:
+    """'auto': im2col patches on CPU (vmap of lax.conv lowers to slow grouped convs there),
+    XLA's convolution elsewhere."""
+    if cfg.conv_impl != "auto":
+        return cfg.conv_impl
+    return "patches" if jax.default_backend() == "cpu" else "lax"
+
+
+def _activation_floats(model: nn.Module, variables: PyTree) -> int:
+    """Floats of all intermediate activations for one sample (shape-only trace)."""
+    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+
+    def f(v, x):
+        _, state = model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        return state
+
+    shapes = jax.eval_shape(f, variables, x)
+    return int(sum(np.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def estimate_memory(cfg: Config, dim: int, act_floats: int, n_train_pixels: int, chunk: int) -> dict[str, float]:
+    """Rough device-memory estimate (bytes) of one round.
+
+    Per client in flight: params, momentum, gradient(s), the trained row and (SPMC) the
+    teacher and guide gradient → ~(5 + 2·spmc)·d floats, plus activations kept for the
+    backward pass (≈ 3 × forward activations × batch). The (n, d) client matrix, the
+    aggregation's O(n·d) temporaries and SPMC's per-client teachers scale with n.
+    """
+    spmc = cfg.uses_spmc_client
+    n = cfg.n_per_round
+    per_client = 4 * ((5 + 2 * spmc) * dim + 3 * act_floats * cfg.batch_size * (1 + spmc))
+    in_flight = per_client * min(chunk, n)
+    matrices = 4 * dim * n * 3
+    teachers = 4 * dim * cfg.clients if spmc else 0
+    data = n_train_pixels + 10_000 * 32 * 32 * 3
+    total = in_flight + matrices + teachers + data
+    return {
+        "per_client": float(per_client),
+        "clients_in_flight": float(min(chunk, n)),
+        "local_training": float(in_flight),
+        "client_matrices": float(matrices),
+        "teachers": float(teachers),
+        "data": float(data),
+        "total": float(total),
+    }
+
+
+def device_memory_bytes() -> float | None:
+    """Memory of the default device (bytes), or None when unknown (CPU: system RAM)."""
+    dev = jax.devices()[0]
+    try:
+        stats = dev.memory_stats()
+        if stats and "bytes_limit" in stats:
+            return float(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001 - backends without memory_stats
+        pass
+    try:
+        import os
+
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def make_plan(cfg: Config, ds: Dataset) -> Plan:
+    """Partition the data, pick the attackers, size the steps and estimate memory (host only)."""
+    cfg.validate()
+    ds = _subsample(ds, cfg.subsample, cfg.seed)
+    n_train = len(ds.y_train)
+    if cfg.partition == "dirichlet":
+        parts = part_lib.dirichlet_partition(
+            ds.y_train, cfg.clients, beta=cfg.beta, seed=cfg.seed, train_ratio=cfg.train_ratio,
+            min_size=cfg.min_size, num_classes=ds.num_classes,
+        )
+    else:
+        parts = part_lib.iid_partition(n_train, cfg.clients, seed=cfg.seed, train_ratio=cfg.train_ratio)
+    pool, proxy = part_lib.proxy_split(n_train, cfg.train_ratio)
+    padded = part_lib.pad_partition(parts)
+    small = int(padded.sizes.min())
+    if small < cfg.batch_size:
+        raise ValueError(
+            f"client {int(np.argmin(padded.sizes))} has {small} samples < --batch-size "
+            f"{cfg.batch_size}: it could never take a step (drop-last); use more data "
+            f"(--subsample), fewer --clients or a smaller --batch-size"
+        )
+    malicious = np.zeros(cfg.clients, bool)
+    m = cfg.num_malicious_registered
+    if m:
+        if cfg.attacker_ids == "last":
+            malicious[cfg.clients - m :] = True
+        else:
+            malicious[np.random.RandomState(cfg.seed + 7).choice(cfg.clients, m, replace=False)] = True
+    model = get_model(cfg.model, ds.num_classes, resolve_conv_impl(cfg))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
+    flat = Flattener.build(variables)
+    chunk = cfg.client_chunk or cfg.n_per_round
+    mem = estimate_memory(cfg, flat.dim, _activation_floats(model, variables), ds.x_train.nbytes, chunk)
+    return Plan(
+        config=cfg,
+        dataset=ds.name,
+        dataset_source=ds.source,
+        n_train=n_train,
+        n_test=len(ds.y_test),
+        client_pool=len(pool),
+        proxy_indices=proxy,
+        partition=padded,
+        label_hist=part_lib.label_histograms(parts, ds.y_train, ds.num_classes),
+        malicious=malicious,
+        steps_per_epoch=int(padded.sizes.max() // cfg.batch_size),
+        epochs=cfg.epochs,
+        num_params=flat.num_params,
+        dim=flat.dim,
+        memory=mem,
+    )
+
+
+# ----------------------------------------------------------------------------- state
+class SimData(NamedTuple):
+    """Device arrays the jitted round reads (arguments, not constants)."""
+
+    train: ClientData
+    idx: jax.Array  # (N, max_samples) int32
+    sizes: jax.Array  # (N,) int32
+    malicious: jax.Array  # (N,) bool
+    rank: jax.Array  # (N,) int32
+    proxy_idx: jax.Array  # (P,) int32 (may be empty)
+    x_test: jax.Array
+    y_test: jax.Array
+
+
+class RunState(NamedTuple):
+    """Everything carried from round to round."""
+
+    global_flat: jax.Array  # (d,)
+    agg_state: PyTree
+    teachers: jax.Array  # (N, d) for SPMC clients, (1, 1) otherwise
+    key: jax.Array
+
+
+class RoundOut(NamedTuple):
+    """Per-round diagnostics returned by the scan (stacked over rounds)."""
+
+    client_ids: jax.Array  # (m,)
+    client_weights: jax.Array  # (m,)
+    loss: jax.Array  # (m,) mean local training loss
+    projected: jax.Array  # (m,) mean projected tensors per step (SPMC)
+    nonfinite: jax.Array  # () clients whose row was non-finite
+
+
+class _Proxy:
+    """`ProxyOps` on the server's proxy set, bound to (possibly traced) data arrays."""
+
+    def __init__(self, sim: Simulation, data: SimData) -> None:
+        self.sim = sim
+        self.data = data
+
+    def loss_entropy(self, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d = self.data
+        x = self.sim.test_transform(d.train.x[d.proxy_idx])
+        logits = self.sim.predict(flat, x)
+        logp = jax.nn.log_softmax(logits)
+        loss = -jnp.mean(jnp.take_along_axis(logp, d.train.y[d.proxy_idx][:, None], 1))
+        ent = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, -1))
+        return loss, ent
+
+    def train(self, flat: jax.Array, key: jax.Array, epochs: int) -> jax.Array:
+        return self.sim.proxy_train(flat, self.data, key, epochs)
+
+
+class Simulation:
+    """A compiled federation for one `Config` and dataset."""
+
+    def __init__(self, cfg: Config, ds: Dataset, plan: Plan | None = None) -> None:
+        self.cfg = cfg
+        self.plan = plan or make_plan(cfg, ds)
+        ds = _subsample(ds, cfg.subsample, cfg.seed)
+        self.ds = ds
+        plan = self.plan
+        self.conv_impl = resolve_conv_impl(cfg)
+        self.model = get_model(cfg.model, ds.num_classes, self.conv_impl)
+        root = jax.random.key(cfg.seed)
+        self.init_key, self.round_key = jax.random.split(root)
+        variables = self.model.init(self.init_key, jnp.zeros((1, *INPUT_SHAPE)), train=False)
+        self.flat = Flattener.build(variables)
+        self.init_flat = self.flat.ravel(variables)
+        self.n = cfg.n_per_round
+        self.N = cfg.clients
+
+        env = AttackEnv(
+            image_shape=INPUT_SHAPE, mean=ds.mean, std=ds.std, num_classes=ds.num_classes,
+            num_malicious=cfg.num_malicious, n_clients=self.n, lr=cfg.lr,
+        )
+        self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
+        probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
+        # Attacks without a test-time trigger are probed with the reference trigger, so R
+        # (and V) stay defined: how often that trigger flips predictions to class 2.
+        self.r_trigger = "attack" if probe is not None else "base (probe)"
+        probe = probe or base_trigger(env)
+        self.target = int(probe.target)
+        self.train_transform = make_train_transform(ds.kind, ds.mean, ds.std, ds.flip)
+        self.test_transform = make_test_transform(ds.kind, ds.mean, ds.std)
+        tx = make_optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
+        spmc_opts = (
+            SpmcClientOptions(cfg.spmc_lambda, cfg.attackers_skip_projection)
+            if cfg.uses_spmc_client
+            else None
+        )
+        common = dict(batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch)
+        self.local_train = make_local_train(
+            self.model, self.train_transform, tx, epochs=plan.epochs,
+            data_attack=self.data_attack, spmc=spmc_opts, **common,
+        )
+        n_proxy = len(plan.proxy_indices)
+        self._proxy_steps = max(n_proxy // cfg.batch_size, 1)
+        self._proxy_train_fns: dict[int, Callable] = {}
+        self._tx = tx
+        self.evaluator = make_evaluator(
+            self.predict, self.test_transform, probe.test, self.target, cfg.eval_batch
+        )
+        self.agg_env = AggregatorEnv(
+            n_clients=self.n,
+            num_malicious=cfg.defense_assumed_malicious,
+            lr=cfg.lr,
+            rounds=cfg.rounds,
+            param_mask=self.flat.param_mask,
+            total_clients=self.N,
+            proxy=None,
+        )
+        self.defense_opts = self._defense_options()
+        self.data = self._device_data()
+        self.run_rounds = jax.jit(self._run_rounds, static_argnums=(2,))
+        self.evaluate = jax.jit(self._evaluate)
+
+    # ---- pieces -------------------------------------------------------------------
+    def _defense_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(self.cfg.defense_opts)
+        if self.cfg.defense == "spmc":
+            opts.setdefault("temperature", self.cfg.spmc_temperature)
+            opts.setdefault("space", self.cfg.spmc_space)
+            opts.setdefault("server_weighting", self.cfg.server_weighting)
+        return opts
+
+    def _device_data(self) -> SimData:
+        cfg, plan, ds = self.cfg, self.plan, self.ds
+        rate = self.data_attack.poison_rate if self.data_attack is not None else 0.0
+        # Host-side draw, fixed per sample for the run (the reference draws it once, §1.6).
+        poison = np.random.RandomState(cfg.seed + 1).random_sample(len(ds.y_train)) < rate
+        m_ids = np.flatnonzero(plan.malicious)
+        rank = np.zeros(self.N, np.int32)
+        rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
+        return SimData(
+            train=ClientData(
+                x=jnp.asarray(ds.x_train), y=jnp.asarray(ds.y_train, jnp.int32), poison=jnp.asarray(poison)
+            ),
+            idx=jnp.asarray(plan.partition.indices, jnp.int32),
+            sizes=jnp.asarray(plan.partition.sizes, jnp.int32),
+            malicious=jnp.asarray(plan.malicious),
+            rank=jnp.asarray(rank),
+            proxy_idx=jnp.asarray(plan.proxy_indices, jnp.int32),
+            x_test=jnp.asarray(ds.x_test),
+            y_test=jnp.asarray(ds.y_test, jnp.int32),
+        )
+
+    def predict(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        """Eval-mode logits of the flat model (BatchNorm on running statistics)."""
+        return self.model.apply(self.flat.unravel(flat), x, train=False)
+
+    def proxy_train(self, flat: jax.Array, data: SimData, key: jax.Array, epochs: int) -> jax.Array:
+        """`epochs` of the clients' SGD on the proxy set (Finetuning, FLTrust)."""
+        if epochs not in self._proxy_train_fns:
+            self._proxy_train_fns[epochs] = make_local_train(
+                self.model, self.train_transform, self._tx, batch_size=self.cfg.batch_size,
+                steps_per_epoch=self._proxy_steps, epochs=epochs,
+            )
+        fn = self._proxy_train_fns[epochs]
+        task = ClientTask(
+            idx=data.proxy_idx, size=jnp.asarray(data.proxy_idx.shape[0], jnp.int32),
+            malicious=jnp.asarray(False), rank=jnp.asarray(0, jnp.int32), key=key,
+        )
+        variables = self.flat.unravel(flat)
+        out = fn(variables, variables, data.train, task, jnp.asarray(False))
+        return self.flat.ravel(out.variables)
+
+    def aggregator(self, data: SimData | None):
+        env = self.agg_env
+        if data is not None:
+            env = dataclasses.replace(env, proxy=_Proxy(self, data))
+        return get_aggregator(self.cfg.defense, env, **self.defense_opts)
+
+    def init_state(self) -> RunState:
+        agg = self.aggregator(None)
+        if self.cfg.uses_spmc_client:
+            # Round-0 teachers: the initial model (§3.1).
+            teachers = jnp.broadcast_to(self.init_flat, (self.N, self.flat.dim))
+        else:
+            teachers = jnp.zeros((1, 1), jnp.float32)
+        return RunState(self.init_flat, agg.init(self.init_flat), teachers, self.round_key)
+
+    def _attack_active(self, r: jax.Array) -> jax.Array:
+        return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
+
+    def _sample_clients(self, key: jax.Array) -> jax.Array:
+        if self.n == self.N:
+            return jnp.arange(self.N, dtype=jnp.int32)
+        ids = jax.random.choice(key, self.N, (self.n,), replace=False)
+        return jnp.sort(ids).astype(jnp.int32)
+
+    def _train_clients(self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array,
+                       attack_on: jax.Array):
+        variables = self.flat.unravel(state.global_flat)
+        spmc = self.cfg.uses_spmc_client
+
+        def one(args):
+            idx, size, mal, rank, key, teacher_flat = args
+            teacher = self.flat.unravel(teacher_flat) if spmc else variables
+            task = ClientTask(idx, size, mal, rank, key)
+            out = self.local_train(variables, teacher, data.train, task, attack_on)
+            return self.flat.ravel(out.variables), out.loss, out.projected
+
+        teachers = state.teachers[ids] if spmc else jnp.zeros((self.n, 1), jnp.float32)
+        xs = (data.idx[ids], data.sizes[ids], data.malicious[ids], data.rank[ids], keys[ids], teachers)
+        chunk = self.cfg.client_chunk
+        if chunk is None or chunk >= self.n:
+            return jax.vmap(one)(xs)
+        return jax.lax.map(one, xs, batch_size=chunk)
+
+    def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
+        key = jax.random.fold_in(state.key, r)
+        k_sample, k_clients, k_attack, k_agg = jax.random.split(key, 4)
+        ids = self._sample_clients(k_sample)
+        client_keys = jax.random.split(k_clients, self.N)
+        attack_on = self._attack_active(r)
+        W, loss, projected = self._train_clients(state, data, ids, client_keys, attack_on)
+        malicious = data.malicious[ids]
+        for i, attack in enumerate(self.model_attacks):
+            attacked = attack.apply(W, state.global_flat, malicious, jax.random.fold_in(k_attack, i))
+            W = jnp.where(attack_on, attacked, W)
+        W, valid = sanitize(W, state.global_flat)
+        ctx = RoundContext(
+            global_flat=state.global_flat, round=r, key=k_agg,
+            n_samples=data.sizes[ids].astype(jnp.float32), valid=valid, client_ids=ids,
+        )
+        new_global, agg_state, info = self.aggregator(data).aggregate(W, state.agg_state, ctx)
+        teachers = state.teachers
+        if self.cfg.uses_spmc_client:
+            t = spmc_lib.teachers(new_global, W, info.client_weights)
+            teachers = teachers.at[ids].set(t)
+        out = RoundOut(ids, info.client_weights, loss, projected, jnp.sum(~valid))
+        return RunState(new_global, agg_state, teachers, state.key), out
+
+    def _run_rounds(self, state: RunState, data: SimData, count: int, start: jax.Array):
+        return jax.lax.scan(
+            lambda s, r: self._round(s, data, r), state, start + jnp.arange(count)
+        )
+
+    def _evaluate(self, flat: jax.Array, data: SimData) -> dict[str, jax.Array]:
+        return self.evaluator(flat, data.x_test, data.y_test)
+
+
+# ----------------------------------------------------------------------------- running
+@dataclasses.dataclass
+class RunResult:
+    history: list[dict[str, Any]]
+    state: RunState
+    plan: Plan
+    sim: Simulation
+
+
+def run(
+    cfg: Config,
+    ds: Dataset,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    sim: Simulation | None = None,
+) -> RunResult:
+    """Train the federation for `cfg.rounds` rounds, evaluating every `cfg.eval_every`.
+
+    Returns a RunResult whose `history` has one dict per round: round, A, R,
+    R_excl_target, V (None on rounds not evaluated), seconds, client_ids, client_weights,
+    attacker_weight, loss, projected, nonfinite.
+    """
+    sim = sim or Simulation(cfg, ds)
+    state = sim.init_state()
+    history: list[dict[str, Any]] = []
+    r = 0
+    malicious = np.asarray(sim.plan.malicious)
+    while r < cfg.rounds:
+        count = min(cfg.eval_every, cfg.rounds - r)
+        t0 = time.perf_counter()
+        state, outs = sim.run_rounds(state, sim.data, count, jnp.asarray(r, jnp.int32))
+        metrics = jax.device_get(sim.evaluate(state.global_flat, sim.data))
+        outs = jax.device_get(outs)
+        seconds = (time.perf_counter() - t0) / count
+        for j in range(count):
+            ids = np.asarray(outs.client_ids[j])
+            w = np.asarray(outs.client_weights[j], np.float64)
+            row: dict[str, Any] = {
+                "round": r + j,
+                "seconds": seconds,
+                "client_ids": ids.tolist(),
+                "client_weights": w.tolist(),
+                "attacker_weight": float(w[malicious[ids]].sum() / max(w.sum(), 1e-30)),
+                "loss": np.asarray(outs.loss[j]).tolist(),
+                "projected": np.asarray(outs.projected[j]).tolist(),
+                "nonfinite": int(outs.nonfinite[j]),
+            }
+            last = j == count - 1
+            for k in ("A", "R", "R_excl_target", "V"):
+                v = float(metrics[k]) if last else None
+                row[k] = None if v is None or math.isnan(v) else v
+            history.append(row)
+            if on_round is not None:
+                on_round(row)
+        r += count
+    return RunResult(history, state, sim.plan, sim)
