@@ -15,9 +15,9 @@ the assumed number of Byzantine clients:
 
 f = `env.num_malicious` (⌊n·γ⌋), or the `num_malicious` option when >= 0. Bulyan's
 guarantee needs n ≥ 4f + 3; when that fails (e.g. n = 10 with f ≥ 2, Table 2's setting) the
-counts are clamped: θ = max(n − 2f, 1), β = max(θ − 2f, 1), Krum neighbours clamped to
-[1, |R| − 1]; with f = 3, n = 10 that selects 4 vectors by Krum and takes their coordinate
-median. Invalid rows (ctx.valid False) are never neighbours, are selected only once no
+counts are clamped: θ = max(n − 2f, 1), β = max(θ − 2f, 2 − θ mod 2) (at least the
+coordinate median of the selection), Krum neighbours clamped to [1, |R| − 1]; with f = 3,
+n = 10 that selects 4 vectors by Krum and takes their coordinate median (β = 2). Invalid rows (ctx.valid False) are never neighbours, are selected only once no
 valid row remains, and are never aggregated.
 
 Momentum is applied to the trainable-parameter coordinates (env.param_mask); BatchNorm
@@ -70,7 +70,9 @@ def bulyan_counts(n: int, f: int, reference_fixed_f: bool = False) -> tuple[int,
         theta = max(n - 2, 1)
         return theta, max(theta - 3, 1)
     theta = max(n - 2 * f, 1)
-    return theta, max(theta - 2 * f, 1)
+    # β ≥ 1 for odd θ, ≥ 2 for even θ: at least the coordinate median of the selection (for
+    # even θ, β = 1 would pick one of the two middle values, which tie exactly).
+    return theta, max(theta - 2 * f, 2 - theta % 2)
 
 
 def bulyan_select(

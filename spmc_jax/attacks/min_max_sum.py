@@ -16,15 +16,20 @@ benign updates as the benign updates are to each other, over benign i, j:
     min_max:  max_i ||u_mal - u_i||^2  <=  max_{i,j} ||u_i - u_j||^2
     min_sum:  sum_i ||u_mal - u_i||^2  <=  max_i sum_j ||u_i - u_j||^2
 
+(the paper's definitions and spec §5). The NDSS authors' public code bounds min-sum by
+the *minimum* over i of sum_j ||u_i - u_j||^2 instead; `min_sum` option bound="min"
+selects that stricter variant.
+
 Bisection exactly as the reference (spec §5) and the paper's code: lambda = lam_init (10),
 step = lam_init, lambda_succ = 0; repeat {if feasible(lambda): lambda_succ = lambda,
 lambda += step/2 else lambda -= step/2; step /= 2} while |lambda_succ - lambda| >
 threshold (1e-5). After k rounds |lambda_succ - lambda| = lam_init / 2^k exactly, so the
 loop runs a fixed K = min{k : lam_init / 2^k <= threshold} times (20 for the defaults)
-and is a `lax.fori_loop`. The searched range is [0, 2 lam_init): a feasible lambda >= 2
-lam_init comes out as 2 lam_init - lam_init / 2^K. lambda = 0 (u_mal = mu) is always
-feasible, and the feasible lambdas >= 0 form an interval (both objectives are convex
-quadratics in lambda), so the result is the largest feasible lambda up to the threshold.
+and is a `lax.fori_loop`. The searched range is [0, 2 lam_init): a feasible lambda
+>= 2 lam_init comes out as 2 lam_init - lam_init / 2^(K-1), the last value tried.
+lambda = 0 (u_mal = mu) is always feasible, and the feasible lambdas >= 0 form an
+interval (both objectives are convex quadratics in lambda), so the result is the
+largest feasible lambda up to the threshold.
 
 Computation: with v_i = u_i - mu, ||u_mal - u_i||^2 = ||v_i||^2 + 2 lambda v_i.dev +
 lambda^2 ||dev||^2, so the O(n d) work (norms, one matrix-vector product, for min_max the
@@ -46,6 +51,7 @@ from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benig
 
 DEVIATIONS = ("std", "unit_vec", "sign")
 OBJECTIVES = ("max", "sum")
+BOUNDS = ("max", "min")
 _HI = lax.Precision.HIGHEST  # no TF32/bf16 passes: distances are compared at ~1e-6
 
 
@@ -90,6 +96,7 @@ def agnostic_update(
     dev: str = "std",
     lam_init: float = 10.0,
     threshold: float = 1e-5,
+    bound: str = "max",
 ) -> tuple[jax.Array, jax.Array]:
     """The min-max / min-sum malicious update.
 
@@ -100,12 +107,16 @@ def agnostic_update(
       dev: perturbation direction, one of DEVIATIONS.
       lam_init: initial lambda (and first step) of the bisection.
       threshold: bisection stopping threshold.
+      bound: min-sum only: "max" (paper) or "min" (authors' code) over benign i of
+        sum_j ||u_i - u_j||^2.
 
     Returns:
       (u_mal (d,), lambda) with u_mal = mu - lambda * dev.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; accepted: {', '.join(OBJECTIVES)}")
+    if bound not in BOUNDS:
+        raise ValueError(f"bound={bound!r}; accepted: {', '.join(BOUNDS)}")
     mu, sigma = masked_moments(U, rows)
     dv = deviation(mu, sigma, dev)
     V = jnp.where(rows[:, None], U - mu, 0.0)
@@ -115,24 +126,32 @@ def agnostic_update(
     if objective == "max":
         gram = jnp.matmul(V, V.T, precision=_HI)
         pair = jnp.maximum(c[:, None] + c[None, :] - 2.0 * gram, 0.0)
-        bound = jnp.max(jnp.where(rows[:, None] & rows[None, :], pair, 0.0))
+        rhs = jnp.max(jnp.where(rows[:, None] & rows[None, :], pair, 0.0))
     else:
         k = jnp.sum(rows).astype(U.dtype)
         s = jnp.sum(V, axis=0)  # ~0 by construction; kept so the identity is not assumed
         row_sums = k * c + jnp.sum(c) - 2.0 * jnp.matmul(V, s, precision=_HI)
-        bound = jnp.max(jnp.where(rows, row_sums, 0.0))
+        if bound == "max":
+            rhs = jnp.max(jnp.where(rows, row_sums, 0.0))
+        else:
+            rhs = jnp.min(jnp.where(rows, row_sums, jnp.inf))
+            rhs = jnp.where(jnp.isfinite(rhs), rhs, 0.0)  # no benign rows
 
     def feasible(lam):
         dist = c + 2.0 * lam * b + lam * lam * a  # ||mu - lam dev - u_i||^2
         if objective == "max":
-            return jnp.max(jnp.where(rows, dist, -jnp.inf)) <= bound
-        return jnp.sum(jnp.where(rows, dist, 0.0)) <= bound
+            return jnp.max(jnp.where(rows, dist, -jnp.inf)) <= rhs
+        return jnp.sum(jnp.where(rows, dist, 0.0)) <= rhs
 
     lam = bisect(feasible, lam_init, bisection_steps(lam_init, threshold))
     return mu - lam * dv, lam
 
 
-def _make(objective: str, dev: str, lam_init: float, threshold: float) -> ModelAttack:
+def _make(
+    objective: str, dev: str, lam_init: float, threshold: float, bound: str = "max"
+) -> ModelAttack:
+    if bound not in BOUNDS:
+        raise ValueError(f"min_sum bound={bound!r}; accepted: {', '.join(BOUNDS)}")
     if dev not in DEVIATIONS:
         raise ValueError(f"dev={dev!r}; accepted: {', '.join(DEVIATIONS)}")
     if lam_init <= 0 or threshold <= 0:
@@ -141,7 +160,7 @@ def _make(objective: str, dev: str, lam_init: float, threshold: float) -> ModelA
     def apply(W, g, malicious, key):
         del key
         u, _ = agnostic_update(
-            W - g, benign_rows(W, malicious), objective, dev, lam_init, threshold
+            W - g, benign_rows(W, malicious), objective, dev, lam_init, threshold, bound
         )
         return keep_benign((g + u).astype(W.dtype), W, malicious)
 
@@ -164,7 +183,12 @@ def min_max(
 
 
 def min_sum(
-    env: AttackEnv, *, dev: str = "std", lam_init: float = 10.0, threshold: float = 1e-5
+    env: AttackEnv,
+    *,
+    dev: str = "std",
+    lam_init: float = 10.0,
+    threshold: float = 1e-5,
+    bound: str = "max",
 ) -> ModelAttack:
     """Min-sum attack: sum of distances to benign updates <= max benign sum of distances.
 
@@ -173,9 +197,11 @@ def min_sum(
       dev: perturbation direction: "std" (default), "unit_vec" or "sign".
       lam_init: initial lambda of the bisection (reference 10).
       threshold: bisection threshold (reference 1e-5).
+      bound: "max" (paper, default) or "min" (the authors' public code) over benign i of
+        sum_j ||u_i - u_j||^2.
     """
     del env
-    return _make("sum", dev, lam_init, threshold)
+    return _make("sum", dev, lam_init, threshold, bound)
 
 
 _PAPER = "Shejwalkar & Houmansadr, Manipulating the Byzantine, NDSS 2021"

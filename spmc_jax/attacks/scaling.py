@@ -5,10 +5,11 @@ Each malicious client scales its update so that it survives averaging:
 
     w_mal = g + boost * (w - g).
 
-Default boost = n / m (n clients, m attackers): with uniform FedAvg the m boosted updates
-then add up to the sum of the attackers' n-fold updates, replacing the global model by
-the attackers' (the paper's gamma = n / eta, split over the m attackers, with server
-rate eta = 1). Compose it after a data attack: `base+scaling`.
+Default boost = n / m (n clients, m attackers): under uniform FedAvg the attackers'
+contribution (1/n) * sum_j boost * u_j becomes their mean update, so the new global model
+is g + mean malicious update plus the (small, partly cancelling) benign contributions,
+i.e. the attackers' model replaces the global one (the paper's gamma = n / eta with server
+rate eta = 1, shared by the m attackers). Compose it after a data attack: `base+scaling`.
 """
 
 from __future__ import annotations

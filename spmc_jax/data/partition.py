@@ -322,8 +322,7 @@ def pad_partition(
     else:
         if int(pad_to) != pad_to or pad_to < max(longest, 1):
             raise ValueError(
-                f"pad_to={pad_to!r} must be an integer >= the largest client size "
-                f"{max(longest, 1)}"
+                f"pad_to={pad_to!r} must be an integer >= the largest client size {max(longest, 1)}"
             )
         width = int(pad_to)
     indices = np.zeros((len(arrays), width), dtype=np.int32)

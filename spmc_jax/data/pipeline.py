@@ -75,7 +75,7 @@ def pil_bilinear_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
+    ksize = math.ceil(support) * 2 + 1
     inv = 1.0 / filterscale  # Pillow multiplies by the reciprocal; keep its rounding
     index = np.zeros((out_size, ksize), dtype=np.int32)
     weight = np.zeros((out_size, ksize), dtype=np.int32)
@@ -106,12 +106,15 @@ def _resample_axis(x: jax.Array, in_size: int, out_size: int, axis: int) -> jax.
 
 
 def pil_bilinear_resize(x: jax.Array, size: tuple[int, int] = (OUT_SIZE, OUT_SIZE)) -> jax.Array:
-    """Resize uint8 NHWC images exactly as ``PIL.Image.resize(size, Image.BILINEAR)``.
+    """Resize uint8 NHWC images as Pillow's bilinear ``resize`` of an 'L' image.
 
-    This is torchvision's ``Resize(size)`` on a PIL image. Pillow resamples horizontally first,
-    rounds the intermediate to uint8, then resamples vertically (separable, fixed point); we do
-    the same in int32, so the output is bit-identical (tests/data/test_pipeline.py checks it
-    against Pillow). A same-size resize is the identity.
+    This is torchvision's ``Resize((h, w))`` on a PIL image (``img.resize((w, h), BILINEAR)``).
+    Pillow resamples in fixed point, one axis at a time, rounding the intermediate to uint8; we
+    do the same in int32, horizontal pass first. For 28x28 -> 32x32 (and any enlargement, or a
+    single-axis resize) the result is bit-identical to Pillow (tested on random images and on
+    all 60 000 MNIST training images). Newer Pillow releases may run the vertical pass first for
+    2-D reductions, which can move the intermediate rounding by one gray level. A same-size
+    resize is the identity.
 
     Args:
       x: (..., H, W, C) uint8.

@@ -52,7 +52,8 @@ class Dataset:
     def __post_init__(self) -> None:
         if self.kind not in DATASETS:
             raise ValueError(f"unknown dataset kind {self.kind!r}; accepted: {DATASETS}")
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+        splits = (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test))
+        for split, x, y in splits:
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise ValueError(f"{split} images must be uint8 (N,H,W,C), got {x.dtype} {x.shape}")
             if y.shape != (x.shape[0],):

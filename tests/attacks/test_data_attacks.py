@@ -109,8 +109,13 @@ def test_badnets_default_square_white_bottom_right():
 
 @pytest.mark.parametrize(
     ("position", "size", "origin"),
-    [("top_left", 3, (0, 0)), ("top_right", 4, (0, 28)), ("bottom_left", 2, (30, 0)),
-     ("center", 4, (14, 14)), ("5,7", 3, (5, 7))],
+    [
+        ("top_left", 3, (0, 0)),
+        ("top_right", 4, (0, 28)),
+        ("bottom_left", 2, (30, 0)),
+        ("center", 4, (14, 14)),
+        ("5,7", 3, (5, 7)),
+    ],
 )
 def test_badnets_positions(position, size, origin):
     attack = get_attack("badnets", ENV, position=position, size=size)
@@ -131,9 +136,18 @@ def test_badnets_after_norm_value():
 
 @pytest.mark.parametrize(
     "opts",
-    [{"size": 0}, {"size": 33}, {"position": "middle"}, {"position": "31,31"},
-     {"position": "1,2,3"}, {"value": 2.0}, {"target": 10}, {"target": -1},
-     {"poison_rate": 1.5}, {"bogus": 1}],
+    [
+        {"size": 0},
+        {"size": 33},
+        {"position": "middle"},
+        {"position": "31,31"},
+        {"position": "1,2,3"},
+        {"value": 2.0},
+        {"target": 10},
+        {"target": -1},
+        {"poison_rate": 1.5},
+        {"bogus": 1},
+    ],
 )
 def test_badnets_rejects_bad_options(opts):
     with pytest.raises(ValueError):
@@ -153,8 +167,9 @@ def test_blended_matches_pixel_space_oracle():
     np.testing.assert_allclose(np.asarray(xo)[f], want, atol=F32_ATOL)
     np.testing.assert_array_equal(np.asarray(yo)[f], 2)
     xt, _ = attack.test(x, y)
-    np.testing.assert_allclose(np.asarray(xt), oracle.blend(np.asarray(x), pattern, 0.3, MEAN, STD),
-                               atol=F32_ATOL)
+    np.testing.assert_allclose(
+        np.asarray(xt), oracle.blend(np.asarray(x), pattern, 0.3, MEAN, STD), atol=F32_ATOL
+    )
 
 
 def test_blended_pattern_fixed_by_seed():
@@ -194,7 +209,9 @@ def test_dba_four_parts_match_dba_cifar_geometry():
     np.testing.assert_array_equal(_test_mask(attack), np.any(expected, axis=0))
 
 
-@pytest.mark.parametrize(("m", "parts", "k"), [(1, 0, 1), (2, 0, 2), (3, 0, 3), (3, 4, 4), (2, 6, 6)])
+@pytest.mark.parametrize(
+    ("m", "parts", "k"), [(1, 0, 1), (2, 0, 2), (3, 0, 3), (3, 4, 4), (2, 6, 6)]
+)
 def test_dba_parts_reassemble_into_full_trigger(m, parts, k):
     env = AttackEnv((32, 32, 3), MEAN, STD, num_malicious=m, n_clients=10)
     attack = get_attack("dba", env, parts=parts)
@@ -221,8 +238,16 @@ def test_dba_values_and_labels():
 
 
 @pytest.mark.parametrize(
-    "opts", [{"parts": -1}, {"size": 0}, {"gap": -1}, {"row_step": 0}, {"parts": 20},
-             {"col": 20}, {"row": 32}]
+    "opts",
+    [
+        {"parts": -1},
+        {"size": 0},
+        {"gap": -1},
+        {"row_step": 0},
+        {"parts": 20},
+        {"col": 20},
+        {"row": 32},
+    ],
 )
 def test_dba_rejects_bad_geometry(opts):
     with pytest.raises(ValueError):
@@ -266,3 +291,18 @@ def test_label_flip_rejects_bad_rate():
         get_attack("label_flip_sym", ENV, poison_rate=-0.1)
     with pytest.raises(ValueError):
         get_attack("label_flip_pair", ENV, poison_rate=2.0)
+
+
+def test_dba_under_vmap_over_clients():
+    # The engine vmaps the local step over clients, so `rank` arrives batched.
+    attack = get_attack("dba", ENV)
+    x, y, flags = _batch(b=4)
+    ranks = jnp.arange(3, dtype=jnp.int32)
+    keys = jax.random.split(jax.random.key(0), 3)
+    xs, ys = jax.jit(jax.vmap(attack.apply, in_axes=(None, None, None, 0, 0)))(
+        x, y, flags, ranks, keys
+    )
+    for r in range(3):
+        xr, yr = _apply(attack, x, y, flags, rank=r)
+        np.testing.assert_array_equal(np.asarray(xs[r]), np.asarray(xr))
+        np.testing.assert_array_equal(np.asarray(ys[r]), np.asarray(yr))

@@ -22,6 +22,10 @@ MODEL_ATTACKS = [n for n, s in REGISTRY.items() if s.kind == "model"]
 # float32 results vs float64 oracles on O(1) values: a few ulps of float32 times O(10)
 # accumulated operations.
 RTOL, ATOL = 1e-5, 1e-5
+# objective, dev, lam_init, threshold, bound are static (Python strings/floats).
+agnostic = jax.jit(
+    agnostic_update, static_argnames=("objective", "dev", "lam_init", "threshold", "bound")
+)
 
 
 def _problem(seed=0, scale=1.0, n=N):
@@ -116,7 +120,9 @@ def test_gaussian_replace_and_add():
     added = np.asarray(_run(add, W, g, key=3) - W, np.float64)[MAL]
     # Both are the same float32 noise, rounded through different O(1) offsets.
     np.testing.assert_allclose(added, noise, atol=1e-5)
-    assert not np.array_equal(np.asarray(_run(rep, W, g, key=4)), np.asarray(_run(rep, W, g, key=3)))
+    assert not np.array_equal(
+        np.asarray(_run(rep, W, g, key=4)), np.asarray(_run(rep, W, g, key=3))
+    )
 
 
 def test_ipm_direction():
@@ -145,9 +151,14 @@ def test_alie_z_values():
         alie_z(10, 6)
 
 
-@pytest.mark.parametrize(("opts", "z"), [({}, oracle.alie_z(N, M)),
-                                         ({"reference_z": True}, oracle.alie_z(N, M, True)),
-                                         ({"z": 1.5}, 1.5)])
+@pytest.mark.parametrize(
+    ("opts", "z"),
+    [
+        ({}, oracle.alie_z(N, M)),
+        ({"reference_z": True}, oracle.alie_z(N, M, True)),
+        ({"z": 1.5}, 1.5),
+    ],
+)
 def test_alie_update(opts, z):
     W, g = _problem()
     out = np.asarray(_run(get_attack("alie", ENV, **opts), W, g))
@@ -183,29 +194,29 @@ CONSTRAINT_RTOL = 1e-5
 LAMBDA_FLOAT_TOL = 1e-4
 
 
-@pytest.mark.parametrize("objective", ["max", "sum"])
+@pytest.mark.parametrize(("objective", "bound"), [("max", "max"), ("sum", "max"), ("sum", "min")])
 @pytest.mark.parametrize("dev", ["std", "unit_vec", "sign"])
 @pytest.mark.parametrize("scale", [1.0, 0.05])
-def test_agnostic_lambda_feasible_and_maximal(objective, dev, scale):
+def test_agnostic_lambda_feasible_and_maximal(objective, bound, dev, scale):
     W, g = _problem(seed=2, scale=scale)
     U = _updates(W, g)
-    u_mal, lam = jax.jit(agnostic_update, static_argnums=(2, 3))(
-        W - g, jnp.asarray(BEN), objective, dev
-    )
+    u_mal, lam = agnostic(W - g, jnp.asarray(BEN), objective=objective, dev=dev, bound=bound)
     u_mal, lam = np.asarray(u_mal, np.float64), float(lam)
     # The returned vector is mu - lam dev.
     mu = U[BEN].mean(axis=0)
-    np.testing.assert_allclose(u_mal, mu - lam * oracle.deviation(U, BEN, dev), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        u_mal, mu - lam * oracle.deviation(U, BEN, dev), rtol=RTOL, atol=ATOL
+    )
     # Constraint satisfied (float64 check).
-    bound = oracle.agnostic_bound(U, BEN, objective)
-    assert oracle.agnostic_objective(u_mal, U, BEN, objective) <= bound * (1 + CONSTRAINT_RTOL)
+    rhs = oracle.agnostic_bound(U, BEN, objective, bound)
+    assert oracle.agnostic_objective(u_mal, U, BEN, objective) <= rhs * (1 + CONSTRAINT_RTOL)
     # Maximal up to the bisection threshold, within the searched range [0, 20).
-    star = oracle.agnostic_lambda_star(U, BEN, objective, dev)
-    ceiling = 20.0 - 10.0 / 2 ** bisection_steps(10.0, 1e-5)
+    star = oracle.agnostic_lambda_star(U, BEN, objective, dev, bound)
+    ceiling = 20.0 - 10.0 / 2 ** (bisection_steps(10.0, 1e-5) - 1)  # last lambda tried
     assert lam >= min(star, ceiling) - 1e-5 - LAMBDA_FLOAT_TOL * max(star, 1.0)
     assert lam <= star + LAMBDA_FLOAT_TOL * max(star, 1.0)
     # Same lambda as the reference's loop run literally in float64.
-    ref = oracle.agnostic_reference_lambda(U, BEN, objective, dev)
+    ref = oracle.agnostic_reference_lambda(U, BEN, objective, dev, bound=bound)
     assert abs(lam - ref) <= 1e-5 + LAMBDA_FLOAT_TOL * max(star, 1.0)
 
 
@@ -214,9 +225,9 @@ def test_agnostic_large_lambda_hits_the_search_ceiling():
     W, g = _problem(scale=100.0)
     U = _updates(W, g)
     assert oracle.agnostic_lambda_star(U, BEN, "max", "unit_vec") > 100
-    _, lam = agnostic_update(W - g, jnp.asarray(BEN), "max", "unit_vec")
-    # 20 - 10/2^20 is exactly representable in float32.
-    assert float(lam) == 20.0 - 10.0 / 2**20
+    _, lam = agnostic(W - g, jnp.asarray(BEN), objective="max", dev="unit_vec")
+    # The last of the 20 lambdas tried, 20 - 10/2^19, exactly representable in float32.
+    assert float(lam) == 20.0 - 10.0 / 2**19
 
 
 def test_bisection_steps():
@@ -229,7 +240,7 @@ def test_bisection_steps():
 def test_agnostic_attack_writes_g_plus_update(name):
     W, g = _problem(seed=3)
     out = np.asarray(_run(get_attack(name, ENV), W, g))
-    u, _ = agnostic_update(W - g, jnp.asarray(BEN), "max" if name == "min_max" else "sum")
+    u, _ = agnostic(W - g, jnp.asarray(BEN), objective="max" if name == "min_max" else "sum")
     want = np.asarray(g + u, np.float64)
     np.testing.assert_allclose(out[MAL], np.broadcast_to(want, (M, D)), rtol=RTOL, atol=ATOL)
 
@@ -240,6 +251,20 @@ def test_agnostic_attack_writes_g_plus_update(name):
 def test_agnostic_rejects_bad_options(opts):
     with pytest.raises(ValueError):
         get_attack("min_max", ENV, **opts)
+    with pytest.raises(ValueError):
+        get_attack("min_sum", ENV, **opts)
+
+
+def test_min_sum_bound_option():
+    W, g = _problem(seed=4)
+    U = _updates(W, g)
+    lo = np.asarray(_run(get_attack("min_sum", ENV, bound="min"), W, g))[MAL][0]
+    hi = np.asarray(_run(get_attack("min_sum", ENV), W, g))[MAL][0]
+    mu, dev = U[BEN].mean(axis=0), oracle.deviation(U, BEN, "std")
+    lam = lambda u: float((mu - (u - np.asarray(g, np.float64))) @ dev / (dev @ dev))
+    assert lam(lo) < lam(hi)  # the authors'-code bound is the stricter one
+    with pytest.raises(ValueError):
+        get_attack("min_sum", ENV, bound="median")
 
 
 # -------------------------------------------------------------------------------------- pgd
@@ -276,8 +301,14 @@ def test_pgd_default_radius_is_median_benign_norm(m):
 
 @pytest.mark.parametrize(
     ("name", "opts"),
-    [("scaling", {"boost": -1.0}), ("sign_flip", {"scale": 0.0}), ("gaussian", {"sigma": -1.0}),
-     ("gaussian", {"mode": "mix"}), ("ipm", {"epsilon": 0.0}), ("pgd", {"radius": "big"})],
+    [
+        ("scaling", {"boost": -1.0}),
+        ("sign_flip", {"scale": 0.0}),
+        ("gaussian", {"sigma": -1.0}),
+        ("gaussian", {"mode": "mix"}),
+        ("ipm", {"epsilon": 0.0}),
+        ("pgd", {"radius": "big"}),
+    ],
 )
 def test_model_attacks_reject_bad_options(name, opts):
     with pytest.raises(ValueError):
@@ -306,8 +337,21 @@ def test_parse_attack_composition():
 
 
 def test_registry_listing():
-    ours = {"badnets", "blended", "dba", "label_flip_pair", "label_flip_sym", "scaling",
-            "sign_flip", "gaussian", "alie", "ipm", "min_max", "min_sum", "pgd"}
+    ours = {
+        "badnets",
+        "blended",
+        "dba",
+        "label_flip_pair",
+        "label_flip_sym",
+        "scaling",
+        "sign_flip",
+        "gaussian",
+        "alie",
+        "ipm",
+        "min_max",
+        "min_sum",
+        "pgd",
+    }
     items = dict(REGISTRY.items())
     assert ours <= set(items)
     for name, spec in items.items():

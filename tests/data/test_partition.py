@@ -66,7 +66,9 @@ def test_dirichlet_matches_oracle_bit_for_bit(n, n_clients, beta, seed, num_clas
     if num_classes is not None:
         labels = np.where(labels == 9, 10, labels)  # class 9 empty, class 10 present, 11 empty
     parts = dirichlet_partition(labels, n_clients, beta=beta, seed=seed, num_classes=num_classes)
-    expected, val_idx = oracle_dirichlet_partition(labels, n_clients, beta, seed, n_class=num_classes)
+    expected, val_idx = oracle_dirichlet_partition(
+        labels, n_clients, beta, seed, n_class=num_classes
+    )
     assert len(parts) == len(expected)
     for got, want in zip(parts, expected, strict=True):
         np.testing.assert_array_equal(got, np.asarray(want, dtype=np.int64))
@@ -90,7 +92,9 @@ def test_oracle_cases_exercise_the_retry_loop():
 def test_dirichlet_other_train_ratio_and_min_size():
     labels = mnist_like_labels(1000, seed=9)
     parts = dirichlet_partition(labels, 4, beta=0.7, seed=11, train_ratio=0.75, min_size=30)
-    expected, _ = oracle_dirichlet_partition(labels, 4, 0.7, 11, train_ratio=0.75, min_require_size=30)
+    expected, _ = oracle_dirichlet_partition(
+        labels, 4, 0.7, 11, train_ratio=0.75, min_require_size=30
+    )
     for got, want in zip(parts, expected, strict=True):
         np.testing.assert_array_equal(got, want)
     check_invariants(parts, 1000, 4, min_size=30, train_ratio=0.75)
@@ -209,7 +213,9 @@ def test_mnist_seed0_shards_exact():
     check_invariants(parts, 60_000, 10, min_size=10)
 
 
-@pytest.mark.parametrize(("n", "ratio", "n_pool"), [(60_000, 0.9, 54_000), (10, 0.9, 9), (7, 1.0, 7)])
+@pytest.mark.parametrize(
+    ("n", "ratio", "n_pool"), [(60_000, 0.9, 54_000), (10, 0.9, 9), (7, 1.0, 7)]
+)
 def test_proxy_split(n, ratio, n_pool):
     pool, proxy = proxy_split(n, ratio)
     np.testing.assert_array_equal(pool, np.arange(n_pool))

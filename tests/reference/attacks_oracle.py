@@ -90,11 +90,15 @@ def deviation(U: np.ndarray, benign: np.ndarray, dev: str) -> np.ndarray:
     raise ValueError(dev)
 
 
-def agnostic_bound(U: np.ndarray, benign: np.ndarray, objective: str) -> float:
-    """Right-hand side: max_{i,j} ||u_i - u_j||^2 or max_i sum_j ||u_i - u_j||^2 (benign)."""
+def agnostic_bound(U: np.ndarray, benign: np.ndarray, objective: str, bound: str = "max") -> float:
+    """Right-hand side over benign i, j: max_{i,j} ||u_i - u_j||^2 (min-max), or
+    max_i (bound "max", paper) / min_i (bound "min", authors' code) sum_j ||u_i - u_j||^2."""
     B = np.asarray(U, np.float64)[benign]
     D = ((B[:, None, :] - B[None, :, :]) ** 2).sum(-1)
-    return float(D.max()) if objective == "max" else float(D.sum(axis=1).max())
+    if objective == "max":
+        return float(D.max())
+    sums = D.sum(axis=1)
+    return float(sums.max() if bound == "max" else sums.min())
 
 
 def agnostic_objective(mal: np.ndarray, U: np.ndarray, benign: np.ndarray, objective: str) -> float:
@@ -104,7 +108,9 @@ def agnostic_objective(mal: np.ndarray, U: np.ndarray, benign: np.ndarray, objec
     return float(d.max()) if objective == "max" else float(d.sum())
 
 
-def agnostic_lambda_star(U: np.ndarray, benign: np.ndarray, objective: str, dev: str) -> float:
+def agnostic_lambda_star(
+    U: np.ndarray, benign: np.ndarray, objective: str, dev: str, bound: str = "max"
+) -> float:
     """The exact largest lambda >= 0 meeting the constraint (closed form).
 
     ||mu - lam dev - u_i||^2 = a lam^2 + 2 b_i lam + c_i with a = ||dev||^2,
@@ -115,12 +121,12 @@ def agnostic_lambda_star(U: np.ndarray, benign: np.ndarray, objective: str, dev:
     dv = deviation(U, benign, dev)
     V = B - mu
     a, b, c = dv @ dv, V @ dv, (V**2).sum(-1)
-    bound = agnostic_bound(U, benign, objective)
+    rhs = agnostic_bound(U, benign, objective, bound)
     if objective == "max":
-        roots = (-b + np.sqrt(b**2 - a * (c - bound))) / a
+        roots = (-b + np.sqrt(b**2 - a * (c - rhs))) / a
         return float(roots.min())
     k = len(B)
-    aa, bb, cc = k * a, b.sum(), c.sum() - bound
+    aa, bb, cc = k * a, b.sum(), c.sum() - rhs
     return float((-bb + math.sqrt(bb**2 - aa * cc)) / aa)
 
 
@@ -131,15 +137,16 @@ def agnostic_reference_lambda(
     dev: str,
     lam_init: float = 10.0,
     threshold: float = 1e-5,
+    bound: str = "max",
 ) -> float:
     """The reference's bisection loop, literally, in float64 with direct distances."""
     B = np.asarray(U, np.float64)[benign]
     mu = B.mean(axis=0)
     dv = deviation(U, benign, dev)
-    bound = agnostic_bound(U, benign, objective)
+    rhs = agnostic_bound(U, benign, objective, bound)
     lam, step, succ = lam_init, lam_init, 0.0
     while abs(succ - lam) > threshold:
-        if agnostic_objective(mu - lam * dv, U, benign, objective) <= bound:
+        if agnostic_objective(mu - lam * dv, U, benign, objective) <= rhs:
             succ = lam
             lam = lam + step / 2
         else:

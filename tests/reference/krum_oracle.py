@@ -1,0 +1,42 @@
+"""Oracle: Krum (Blanchard et al., NeurIPS 2017) in float64 NumPy, with explicit loops.
+
+Written from the paper's definition; shares no code with spmc_jax.aggregators.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def krum_scores(deltas, f, valid=None, num_neighbors=None, squared=True, mask=None) -> np.ndarray:
+    """Scores s_i = sum of the k smallest (squared) distances to the other valid rows.
+
+    k = num_neighbors if given, else n_valid - f - 2; at most the n_valid - 1 available
+    neighbours are summed. Invalid rows score +inf. `mask` selects the coordinates used.
+    """
+    x = np.asarray(deltas, np.float64)
+    n = x.shape[0]
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    if mask is not None:
+        x = x[:, np.asarray(mask, bool)]
+    idx = [i for i in range(n) if valid[i]]
+    k = num_neighbors if num_neighbors is not None else len(idx) - f - 2
+    k = max(0, min(k, len(idx) - 1))
+    scores = np.full(n, np.inf)
+    for i in idx:
+        dists = []
+        for j in idx:
+            if j != i:
+                dist = float(np.sum((x[i] - x[j]) ** 2))
+                dists.append(dist if squared else np.sqrt(dist))
+        scores[i] = sum(sorted(dists)[:k])
+    return scores
+
+
+def krum(global_flat, client_flat, f, valid=None, num_neighbors=None, squared=True, mask=None):
+    """Returns (new global g + Δ_best, index of the selected client)."""
+    g = np.asarray(global_flat, np.float64)
+    deltas = np.asarray(client_flat, np.float64) - g
+    scores = krum_scores(deltas, f, valid, num_neighbors, squared, mask)
+    best = int(np.argmin(scores))
+    return g + deltas[best], best

@@ -1,0 +1,86 @@
+"""Models: the reference parameter counts, PyTorch-style init, and conv implementations agree."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmc_jax.flat import Flattener
+from spmc_jax.models import get_model
+from spmc_jax.models.layers import conv2d
+
+
+def _init(name, impl="lax"):
+    m = get_model(name, conv_impl=impl)
+    return m, m.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+
+
+def test_simple_cnn_has_reference_parameter_count():
+    _, v = _init("simple_cnn")
+    assert sum(x.size for x in jax.tree.leaves(v["params"])) == 92_626
+    assert "batch_stats" not in v
+
+
+def test_resnet10_parameter_count_and_batch_stats():
+    _, v = _init("resnet10")
+    # spmc_reference.md §1.3: ≈ 4,903,242 parameters (de-duplicated `parameters()`).
+    assert sum(x.size for x in jax.tree.leaves(v["params"])) == 4_903_242
+    assert sum(x.size for x in jax.tree.leaves(v["batch_stats"])) > 0
+
+
+def test_torch_default_init_bounds():
+    _, v = _init("simple_cnn")
+    k = np.asarray(v["params"]["conv1"]["kernel"])  # fan_in = 3·5·5 = 75
+    assert np.abs(k).max() <= 1 / np.sqrt(75)
+    assert np.abs(k).max() > 0.9 / np.sqrt(75)  # uniform fills the interval
+
+
+@pytest.mark.parametrize("stride,pad,ksize", [(1, 0, 5), (2, 1, 3), (1, 1, 3), (2, 0, 1)])
+def test_patch_conv_equals_xla_conv(stride, pad, ksize):
+    kx, kk = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (3, 12, 12, 4))
+    k = jax.random.normal(kk, (ksize, ksize, 4, 5))
+    a = conv2d(x, k, stride, pad, "lax")
+    b = conv2d(x, k, stride, pad, "patches")
+    # Same contraction, different float32 summation order: ~1e-6 relative.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "resnet10"])
+def test_model_outputs_and_gradients_match_across_conv_impls(name):
+    m1, v = _init(name, "lax")
+    m2 = get_model(name, conv_impl="patches")
+    x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+
+    def loss(params, m):
+        out = m.apply({**v, "params": params}, x, train=False)
+        return jnp.sum(out**2)
+
+    np.testing.assert_allclose(
+        np.asarray(m1.apply(v, x)), np.asarray(m2.apply(v, x)), rtol=1e-4, atol=1e-5
+    )
+    g1 = jax.grad(loss)(v["params"], m1)
+    g2 = jax.grad(loss)(v["params"], m2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        # float32 rounding of reordered sums, amplified by the squared-output loss.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4)
+
+
+def test_flattener_roundtrip_and_param_mask():
+    _, v = _init("resnet10")
+    f = Flattener.build(v)
+    flat = f.ravel(v)
+    assert flat.shape == (f.dim,)
+    back = f.unravel(flat)
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert f.param_mask.sum() == f.num_params == 4_903_242
+    # Parameters come first in the flat layout.
+    assert f.param_mask[: f.num_params].all() and not f.param_mask[f.num_params :].any()
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="accepted: simple_cnn"):
+        get_model("vgg")

@@ -1,0 +1,81 @@
+"""The CLI end to end on a real-data slice, plus its input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spmc_jax.train import main
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "spmc_jax.train", *args], capture_output=True, text=True,
+        env=env, cwd=cwd, timeout=900,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--dataset", "svhn"], "accepted: mnist, fashion_mnist, cifar10"),
+        (["--defense", "nope"], "unknown defense 'nope'"),
+        (["--attack", "nope"], "unknown attack 'nope'"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1)"),
+        (["--clients", "1"], "--clients must be >= 2"),
+        (["--data-dir", "/nonexistent/dir"], "not a readable directory"),
+        (["--attack-opt", "scaling.boost=2"], "not part of --attack"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(args, needle, capsys):
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_help_lists_registries(capsys):
+    assert main(["--defense", "help"]) == 0
+    out = capsys.readouterr().out
+    assert "fedavg" in out and "spmc" in out
+    assert main(["--attack", "help"]) == 0
+    assert "base" in capsys.readouterr().out
+
+
+def test_dry_run_writes_plan(tmp_path, real_dataset):
+    real_dataset("mnist")
+    r = _cli("--dataset", "mnist", "--dry-run", "--no-fetch", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    sizes = [c["samples"] for c in plan["plan"]["clients"]]
+    # The reference's MNIST seed-0 shards (tests/data/test_partition.py derives them).
+    assert sizes == [7063, 3155, 4322, 5545, 5642, 3907, 8589, 5008, 6163, 4606]
+    assert plan["plan"]["num_params"] == 92_626
+    assert plan["plan"]["malicious_ids"] == [8, 9]
+    assert plan["config"]["gamma"] == 0.2
+    assert "jax" in plan["environment"]["packages"]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
+    real_dataset("mnist")
+    r = _cli(
+        "--dataset", "mnist", "--subsample", "3000", "--clients", "4", "--rounds", "2",
+        "--local-epochs", "2", "--gamma", "0.25", "--no-fetch", "--out", str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in rows] == [0, 1]
+    for key in ("A", "R", "R_excl_target", "V", "seconds", "client_weights"):
+        assert key in rows[-1]
+    assert rows[-1]["A"] > 50.0  # chance is 10 %
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["last5"]["A"] is not None
+    assert summary["config"]["defense"] == "spmc"
+    assert summary["environment"]["device"]["backend"] == "cpu"
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "round   2/2" in r.stdout
