@@ -82,11 +82,11 @@ class Config:
     @property
     def num_malicious(self) -> int:
         """Malicious clients among the participants: ⌊n·γ⌋, like the reference (§1.6)."""
-        return int(math.floor(self.n_per_round * self.gamma + 1e-9))
+        return math.floor(self.n_per_round * self.gamma + 1e-9)
 
     @property
     def num_malicious_registered(self) -> int:
-        return int(math.floor(self.clients * self.gamma + 1e-9))
+        return math.floor(self.clients * self.gamma + 1e-9)
 
     @property
     def defense_assumed_malicious(self) -> int:
@@ -129,8 +129,10 @@ class Config:
 
         def choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
             if value not in accepted:
-                raise ValueError(f"--{name.replace('_', '-')} {value!r} is not valid; accepted: "
-                                 f"{', '.join(accepted)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value!r} is not valid; accepted: "
+                    f"{', '.join(accepted)}"
+                )
 
         def at_least(name: str, value: int | float | None, lo: float) -> None:
             if value is not None and value < lo:
@@ -179,16 +181,22 @@ class Config:
             raise ValueError(f"--spmc-temperature must be > 0, got {self.spmc_temperature}")
         if self.spmc_lambda < 0:
             raise ValueError(f"--spmc-lambda must be >= 0, got {self.spmc_lambda}")
-        if self.assumed_malicious is not None and not 0 <= self.assumed_malicious < self.n_per_round:
+        if (
+            self.assumed_malicious is not None
+            and not 0 <= self.assumed_malicious < self.n_per_round
+        ):
             raise ValueError(
-                f"--assumed-malicious must be in [0, {self.n_per_round}), got {self.assumed_malicious}"
+                f"--assumed-malicious must be in [0, {self.n_per_round}), "
+                f"got {self.assumed_malicious}"
             )
         if self.devices != "auto":
             try:
                 if int(self.devices) < 1:
                     raise ValueError
             except ValueError:
-                raise ValueError(f"--devices must be 'auto' or a positive integer, got {self.devices!r}") from None
+                raise ValueError(
+                    f"--devices must be 'auto' or a positive integer, got {self.devices!r}"
+                ) from None
         self._validate_registries()
         return self
 

@@ -31,14 +31,15 @@ class Flattener:
 
     @staticmethod
     def build(variables: PyTree) -> Flattener:
-        """Describe `variables` (a flax variables dict, e.g. {'params': ..., 'batch_stats': ...})."""
+        """Describe `variables`, a flax variables dict ({'params': ..., 'batch_stats': ...})."""
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(variables)
         names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_path)
         is_param = tuple(
             bool(p) and getattr(p[0], "key", None) == "params" for p, _ in leaves_with_path
         )
         order = tuple(
-            [i for i, ip in enumerate(is_param) if ip] + [i for i, ip in enumerate(is_param) if not ip]
+            [i for i, ip in enumerate(is_param) if ip]
+            + [i for i, ip in enumerate(is_param) if not ip]
         )
         shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_path)
         sizes = tuple(int(np.prod(s)) for s in shapes)
@@ -55,9 +56,7 @@ class Flattener:
     @property
     def param_mask(self) -> np.ndarray:
         """(d,) bool: True on trainable-parameter coordinates."""
-        return np.concatenate(
-            [np.full(self.sizes[i], self.is_param[i], bool) for i in self.order]
-        )
+        return np.concatenate([np.full(self.sizes[i], self.is_param[i], bool) for i in self.order])
 
     def ravel(self, variables: PyTree) -> jax.Array:
         leaves = jax.tree_util.tree_leaves(variables)

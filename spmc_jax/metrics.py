@@ -72,7 +72,9 @@ def make_evaluator(
     return evaluate
 
 
-def last_k_means(history: Sequence[dict[str, Any]], keys=("A", "R", "R_excl_target", "V"), k: int = 5):
+def last_k_means(
+    history: Sequence[dict[str, Any]], keys=("A", "R", "R_excl_target", "V"), k: int = 5
+):
     """Mean of each key over the last `k` evaluated rounds (the paper's reporting)."""
     rows = [h for h in history if h.get("A") is not None][-k:]
     out: dict[str, float | None] = {}

@@ -60,9 +60,7 @@ class Registry(Generic[T]):
 def factory_options(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     """Keyword-only options (name -> Parameter) of a registry factory."""
     sig = inspect.signature(factory)
-    return {
-        n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def coerce_options(

@@ -37,67 +37,133 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of {', '.join(DATASETS)}")
     d.add_argument("--data-dir", default=None, help="directory holding the dataset files")
-    d.add_argument("--no-fetch", action="store_true",
-                   help="fail instead of fetching a missing dataset")
-    d.add_argument("--subsample", type=int, default=None,
-                   help="use a class-stratified subset of N training images (quick runs)")
-    d.add_argument("--partition", default=DEFAULTS.partition, help=f"one of {', '.join(PARTITIONS)}")
+    d.add_argument(
+        "--no-fetch", action="store_true", help="fail instead of fetching a missing dataset"
+    )
+    d.add_argument(
+        "--subsample",
+        type=int,
+        default=None,
+        help="use a class-stratified subset of N training images (quick runs)",
+    )
+    d.add_argument(
+        "--partition", default=DEFAULTS.partition, help=f"one of {', '.join(PARTITIONS)}"
+    )
     d.add_argument("--beta", type=float, default=DEFAULTS.beta, help="Dirichlet concentration")
     f = p.add_argument_group("federation")
     f.add_argument("--clients", type=int, default=DEFAULTS.clients, help="registered clients N")
-    f.add_argument("--clients-per-round", type=int, default=None,
-                   help="clients sampled per round m (default: all)")
+    f.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        help="clients sampled per round m (default: all)",
+    )
     f.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
-    f.add_argument("--protocol", default=DEFAULTS.protocol,
-                   help=f"{'/'.join(PROTOCOLS)}: paper = SPMC 10 local epochs, baselines 1 (as the "
-                        "reference ran Table 2); fair = every method --local-epochs (default 10)")
-    f.add_argument("--local-epochs", type=int, default=None,
-                   help="local epochs for every method (overrides --protocol)")
+    f.add_argument(
+        "--protocol",
+        default=DEFAULTS.protocol,
+        help=f"{'/'.join(PROTOCOLS)}: paper = SPMC 10 local epochs, baselines 1 (as the "
+        "reference ran Table 2); fair = every method --local-epochs (default 10)",
+    )
+    f.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help="local epochs for every method (overrides --protocol)",
+    )
     f.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     f.add_argument("--lr", type=float, default=DEFAULTS.lr)
     f.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
     f.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     f.add_argument("--model", default=DEFAULTS.model, help=f"one of {', '.join(MODELS)}")
-    f.add_argument("--conv-impl", default=DEFAULTS.conv_impl,
-                   help=f"{'/'.join(CONV_IMPLS)}: auto = im2col patches on CPU, XLA conv elsewhere")
+    f.add_argument(
+        "--conv-impl",
+        default=DEFAULTS.conv_impl,
+        help=f"{'/'.join(CONV_IMPLS)}: auto = im2col patches on CPU, XLA conv elsewhere",
+    )
     f.add_argument("--seed", type=int, default=DEFAULTS.seed)
     a = p.add_argument_group("threat model")
-    a.add_argument("--gamma", type=float, default=DEFAULTS.gamma,
-                   help="malicious ratio; attackers are the last floor(N*gamma) clients")
-    a.add_argument("--attack", default=DEFAULTS.attack,
-                   help="attack name(s) joined by '+', e.g. base+scaling; 'help' lists them")
-    a.add_argument("--attack-opt", action="append", metavar="NAME.KEY=VALUE",
-                   help="attack option, repeatable, e.g. scaling.boost=5")
+    a.add_argument(
+        "--gamma",
+        type=float,
+        default=DEFAULTS.gamma,
+        help="malicious ratio; attackers are the last floor(N*gamma) clients",
+    )
+    a.add_argument(
+        "--attack",
+        default=DEFAULTS.attack,
+        help="attack name(s) joined by '+', e.g. base+scaling; 'help' lists them",
+    )
+    a.add_argument(
+        "--attack-opt",
+        action="append",
+        metavar="NAME.KEY=VALUE",
+        help="attack option, repeatable, e.g. scaling.boost=5",
+    )
     a.add_argument("--attack-start", type=int, default=0, help="first attacked round")
-    a.add_argument("--attack-end", type=int, default=None, help="last attacked round (default: last)")
+    a.add_argument(
+        "--attack-end", type=int, default=None, help="last attacked round (default: last)"
+    )
     a.add_argument("--attacker-ids", default="last", help="last (reference) or random (seeded)")
-    a.add_argument("--attackers-skip-projection", action="store_true",
-                   help="adaptive attacker: malicious clients skip SPMC's client-side projection")
+    a.add_argument(
+        "--attackers-skip-projection",
+        action="store_true",
+        help="adaptive attacker: malicious clients skip SPMC's client-side projection",
+    )
     s = p.add_argument_group("defense")
     s.add_argument("--defense", default=DEFAULTS.defense, help="defense name; 'help' lists them")
-    s.add_argument("--defense-opt", action="append", metavar="KEY=VALUE",
-                   help="defense hyperparameter, repeatable (see --defense help)")
-    s.add_argument("--assumed-malicious", type=int, default=None,
-                   help="attacker count given to rules that need one (default floor(n*gamma))")
-    s.add_argument("--spmc-lambda", type=float, default=DEFAULTS.spmc_lambda,
-                   help="SPMC projection strength")
-    s.add_argument("--spmc-temperature", type=float, default=DEFAULTS.spmc_temperature,
-                   help="SPMC softmax temperature")
-    s.add_argument("--spmc-space", default=DEFAULTS.spmc_space,
-                   help=f"{'/'.join(SPMC_SPACES)}: compare full weights (reference) or updates")
-    s.add_argument("--no-projection", action="store_true",
-                   help="SPMC ablation: server part only (clients plain SGD)")
-    s.add_argument("--no-server-weighting", action="store_true",
-                   help="SPMC ablation: client part only (uniform server weights)")
+    s.add_argument(
+        "--defense-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="defense hyperparameter, repeatable (see --defense help)",
+    )
+    s.add_argument(
+        "--assumed-malicious",
+        type=int,
+        default=None,
+        help="attacker count given to rules that need one (default floor(n*gamma))",
+    )
+    s.add_argument(
+        "--spmc-lambda", type=float, default=DEFAULTS.spmc_lambda, help="SPMC projection strength"
+    )
+    s.add_argument(
+        "--spmc-temperature",
+        type=float,
+        default=DEFAULTS.spmc_temperature,
+        help="SPMC softmax temperature",
+    )
+    s.add_argument(
+        "--spmc-space",
+        default=DEFAULTS.spmc_space,
+        help=f"{'/'.join(SPMC_SPACES)}: compare full weights (reference) or updates",
+    )
+    s.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="SPMC ablation: server part only (clients plain SGD)",
+    )
+    s.add_argument(
+        "--no-server-weighting",
+        action="store_true",
+        help="SPMC ablation: client part only (uniform server weights)",
+    )
     e = p.add_argument_group("execution")
     e.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds")
     e.add_argument("--eval-batch", type=int, default=DEFAULTS.eval_batch)
-    e.add_argument("--client-chunk", type=int, default=None,
-                   help="clients trained at once (bounds memory; default: all)")
+    e.add_argument(
+        "--client-chunk",
+        type=int,
+        default=None,
+        help="clients trained at once (bounds memory; default: all)",
+    )
     e.add_argument("--devices", default="auto", help="'auto' or a device count for the client axis")
     e.add_argument("--out", default=None, help="output directory")
-    e.add_argument("--dry-run", action="store_true",
-                   help="validate, build the partition, write the plan and exit without training")
+    e.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, build the partition, write the plan and exit without training",
+    )
     e.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     return p
 
@@ -111,20 +177,44 @@ def config_from_args(args: argparse.Namespace) -> Config:
         k, v = parse_kv([kv], "--attack-opt").popitem()
         attack_opts.append((name, k, v))
     return Config(
-        dataset=args.dataset, data_dir=args.data_dir, fetch=not args.no_fetch,
-        subsample=args.subsample, partition=args.partition, beta=args.beta,
-        clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
-        protocol=args.protocol, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, model=args.model,
-        conv_impl=args.conv_impl, seed=args.seed, gamma=args.gamma, attack=args.attack,
-        attack_opts=tuple(attack_opts), attack_start=args.attack_start, attack_end=args.attack_end,
-        attacker_ids=args.attacker_ids, attackers_skip_projection=args.attackers_skip_projection,
-        defense=args.defense, defense_opts=tuple(parse_kv(args.defense_opt, "--defense-opt").items()),
-        assumed_malicious=args.assumed_malicious, spmc_lambda=args.spmc_lambda,
-        spmc_temperature=args.spmc_temperature, spmc_space=args.spmc_space,
-        projection=not args.no_projection, server_weighting=not args.no_server_weighting,
-        eval_every=args.eval_every, eval_batch=args.eval_batch, client_chunk=args.client_chunk,
-        devices=args.devices, out=args.out,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        fetch=not args.no_fetch,
+        subsample=args.subsample,
+        partition=args.partition,
+        beta=args.beta,
+        clients=args.clients,
+        clients_per_round=args.clients_per_round,
+        rounds=args.rounds,
+        protocol=args.protocol,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        model=args.model,
+        conv_impl=args.conv_impl,
+        seed=args.seed,
+        gamma=args.gamma,
+        attack=args.attack,
+        attack_opts=tuple(attack_opts),
+        attack_start=args.attack_start,
+        attack_end=args.attack_end,
+        attacker_ids=args.attacker_ids,
+        attackers_skip_projection=args.attackers_skip_projection,
+        defense=args.defense,
+        defense_opts=tuple(parse_kv(args.defense_opt, "--defense-opt").items()),
+        assumed_malicious=args.assumed_malicious,
+        spmc_lambda=args.spmc_lambda,
+        spmc_temperature=args.spmc_temperature,
+        spmc_space=args.spmc_space,
+        projection=not args.no_projection,
+        server_weighting=not args.no_server_weighting,
+        eval_every=args.eval_every,
+        eval_batch=args.eval_batch,
+        client_chunk=args.client_chunk,
+        devices=args.devices,
+        out=args.out,
     )
 
 
@@ -150,7 +240,11 @@ def list_registry(kind: str) -> str:
 
 
 def _fmt(v: float | None, w: int = 6) -> str:
-    return f"{v:{w}.2f}" if v is not None and not (isinstance(v, float) and math.isnan(v)) else " " * (w - 1) + "–"
+    return (
+        f"{v:{w}.2f}"
+        if v is not None and not (isinstance(v, float) and math.isnan(v))
+        else " " * (w - 1) + "–"
+    )
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -212,19 +306,25 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
     plan_d = plan.to_dict()
     avail = device_memory_bytes()
     plan_d["device_memory_bytes"] = avail
-    (out / "plan.json").write_text(json.dumps({"config": cfg.to_dict(), "plan": plan_d,
-                                                "environment": env}, indent=1))
+    (out / "plan.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "plan": plan_d, "environment": env}, indent=1)
+    )
     est = plan.memory["total"]
-    print(f"plan: {plan.dataset} ({plan.dataset_source}), {cfg.clients} clients "
-          f"({cfg.n_per_round}/round, malicious {plan_d['malicious_ids'][:20]}), "
-          f"{plan.num_params:,} params, {plan.epochs} local epochs x {plan.steps_per_epoch} steps, "
-          f"est. memory {est / 2**30:.2f} GiB" + (f" of {avail / 2**30:.1f} GiB" if avail else ""))
+    print(
+        f"plan: {plan.dataset} ({plan.dataset_source}), {cfg.clients} clients "
+        f"({cfg.n_per_round}/round, malicious {plan_d['malicious_ids'][:20]}), "
+        f"{plan.num_params:,} params, {plan.epochs} local epochs x {plan.steps_per_epoch} steps, "
+        f"est. memory {est / 2**30:.2f} GiB" + (f" of {avail / 2**30:.1f} GiB" if avail else "")
+    )
     if dry_run:
         print(f"dry run: plan written to {out / 'plan.json'}")
         return 0
     if avail and est > 0.9 * avail:
-        print(f"error: estimated memory {est / 2**30:.1f} GiB exceeds the device's "
-              f"{avail / 2**30:.1f} GiB; use --client-chunk", file=sys.stderr)
+        print(
+            f"error: estimated memory {est / 2**30:.1f} GiB exceeds the device's "
+            f"{avail / 2**30:.1f} GiB; use --client-chunk",
+            file=sys.stderr,
+        )
         return 2
 
     metrics_path = out / "metrics.jsonl"
@@ -235,9 +335,12 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         if not quiet and row.get("A") is not None:
-            print(f"round {row['round'] + 1:>3}/{cfg.rounds}  A {_fmt(row['A'])}  R {_fmt(row['R'])}  "
-                  f"V {_fmt(row['V'])}  attackers' weight {row['attacker_weight']:.3f}  "
-                  f"{row['seconds']:.2f} s/round", flush=True)
+            print(
+                f"round {row['round'] + 1:>3}/{cfg.rounds}  A {_fmt(row['A'])}  "
+                f"R {_fmt(row['R'])}  V {_fmt(row['V'])}  "
+                f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s/round",
+                flush=True,
+            )
 
     sim = Simulation(cfg, ds, plan)
     result = run(cfg, ds, on_round=on_round, sim=sim)
@@ -251,13 +354,20 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
         "r_trigger": sim.r_trigger,
         "last5": final,
         "wall_seconds": time.perf_counter() - t_start,
-        "mean_attacker_weight": float(sum(h["attacker_weight"] for h in result.history) / len(result.history)),
+        "mean_attacker_weight": float(
+            sum(h["attacker_weight"] for h in result.history) / len(result.history)
+        ),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_curves(result.history, out / "curves.png",
-                f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}")
-    print(f"last-5-round means: A {_fmt(final['A'])}  R {_fmt(final['R'])}  "
-          f"R(excl. target) {_fmt(final['R_excl_target'])}  V {_fmt(final['V'])}")
+    plot_curves(
+        result.history,
+        out / "curves.png",
+        f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}",
+    )
+    print(
+        f"last-5-round means: A {_fmt(final['A'])}  R {_fmt(final['R'])}  "
+        f"R(excl. target) {_fmt(final['R_excl_target'])}  V {_fmt(final['V'])}"
+    )
     print(f"outputs: {out}/metrics.jsonl, summary.json, curves.png")
     return 0
 

@@ -21,7 +21,9 @@ from spmc_jax.data.sources import DatasetNotFoundError, load_dataset
 from spmc_jax.data.types import Dataset
 
 
-def make_blob_dataset(n_train: int = 1200, n_test: int = 300, kind: str = "mnist", seed: int = 0) -> Dataset:
+def make_blob_dataset(
+    n_train: int = 1200, n_test: int = 300, kind: str = "mnist", seed: int = 0
+) -> Dataset:
     """A learnable 10-class image set: each class lights its own block, plus noise."""
     rng = np.random.RandomState(seed)
     h, w, ch = (28, 28, 1) if kind != "cifar10" else (32, 32, 3)

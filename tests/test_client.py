@@ -39,8 +39,11 @@ def _setup(impl="patches", steps=3, epochs=2):
 def _task(idx, size, key):
     size = jnp.asarray(size, jnp.int32)
     return ClientTask(
-        jnp.asarray(idx, jnp.int32), size, jnp.zeros(size.shape, bool),
-        jnp.zeros(size.shape, jnp.int32), key,
+        jnp.asarray(idx, jnp.int32),
+        size,
+        jnp.zeros(size.shape, bool),
+        jnp.zeros(size.shape, jnp.int32),
+        key,
     )
 
 

@@ -50,7 +50,11 @@ def test_spmc_round_reports_alpha_and_projects(blobs):
 
 
 def test_ablations_run(blobs):
-    for kw in ({"projection": False}, {"server_weighting": False}, {"attackers_skip_projection": True}):
+    for kw in (
+        {"projection": False},
+        {"server_weighting": False},
+        {"attackers_skip_projection": True},
+    ):
         hist = _history(Config(defense="spmc", **{**TINY, "rounds": 1}, **kw), blobs)
         assert hist[0]["A"] is not None
     hist = _history(Config(defense="spmc", server_weighting=False, **{**TINY, "rounds": 1}), blobs)

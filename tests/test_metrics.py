@@ -46,7 +46,10 @@ def test_metrics_against_hand_counts():
 
 
 def test_last_k_means_uses_last_five_evaluated_rounds():
-    hist = [{"round": i, "A": float(i), "R": 2.0 * i, "R_excl_target": None, "V": 1.5 * i} for i in range(8)]
+    hist = [
+        {"round": i, "A": float(i), "R": 2.0 * i, "R_excl_target": None, "V": 1.5 * i}
+        for i in range(8)
+    ]
     hist.append({"round": 8, "A": None, "R": None, "R_excl_target": None, "V": None})
     out = last_k_means(hist)
     assert out["A"] == pytest.approx(np.mean([3, 4, 5, 6, 7]))

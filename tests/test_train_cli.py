@@ -15,8 +15,12 @@ from spmc_jax.train import main
 def _cli(*args, cwd=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "spmc_jax.train", *args], capture_output=True, text=True,
-        env=env, cwd=cwd, timeout=900,
+        [sys.executable, "-m", "spmc_jax.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=900,
     )
 
 
@@ -64,8 +68,21 @@ def test_dry_run_writes_plan(tmp_path, real_dataset):
 def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     real_dataset("mnist")
     r = _cli(
-        "--dataset", "mnist", "--subsample", "3000", "--clients", "4", "--rounds", "2",
-        "--local-epochs", "2", "--gamma", "0.25", "--no-fetch", "--out", str(tmp_path),
+        "--dataset",
+        "mnist",
+        "--subsample",
+        "3000",
+        "--clients",
+        "4",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "2",
+        "--gamma",
+        "0.25",
+        "--no-fetch",
+        "--out",
+        str(tmp_path),
     )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -46,9 +46,13 @@ def fedavg_weighted(env: AggregatorEnv) -> Aggregator:
     return _make(env, data_weighted=True)
 
 
-register(AggregatorSpec("fedavg", fedavg, "FedAvg, uniform mean of client models (reference 'Equal')"))
+register(
+    AggregatorSpec("fedavg", fedavg, "FedAvg, uniform mean of client models (reference 'Equal')")
+)
 register(
     AggregatorSpec(
-        "fedavg_weighted", fedavg_weighted, "FedAvg weighted by client data size n_i (reference 'Weight')"
+        "fedavg_weighted",
+        fedavg_weighted,
+        "FedAvg weighted by client data size n_i (reference 'Weight')",
     )
 )

@@ -52,7 +52,7 @@ def server_momentum_step(
     Returns:
       (new state v, the update to add to the global model, which is v).
     """
-    v = jnp.where(param_mask, momentum * state + update, update)
+    v = momentum * state + update
     return v, v
 
 

@@ -25,4 +25,4 @@ def get_model(name: str, num_classes: int = 10, conv_impl: str = "lax") -> nn.Mo
     return MODELS[name](num_classes=num_classes, conv_impl=conv_impl)
 
 
-__all__ = ["CONV_IMPLS", "MODELS", "MLP", "ResNet10", "SimpleCNN", "get_model"]
+__all__ = ["CONV_IMPLS", "MLP", "MODELS", "ResNet10", "SimpleCNN", "get_model"]

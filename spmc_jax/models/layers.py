@@ -14,6 +14,7 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
 from __future__ import annotations
 
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def conv2d(
     kh, kw, cin, cout = kernel.shape
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    b, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     oh = (h - kh) // stride + 1
     ow = (w - kw) // stride + 1
     if kh == kw == 1:
@@ -85,7 +86,9 @@ class Conv(nn.Module):
         cin = x.shape[-1]
         fan_in = cin * self.kernel_size**2
         k = self.param(
-            "kernel", torch_uniform(fan_in), (self.kernel_size, self.kernel_size, cin, self.features)
+            "kernel",
+            torch_uniform(fan_in),
+            (self.kernel_size, self.kernel_size, cin, self.features),
         )
         y = conv2d(x, k, self.stride, self.padding, self.impl)
         if self.use_bias:

@@ -33,13 +33,22 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = Conv(self.features, 3, self.stride, 1, use_bias=False, impl=self.conv_impl, name="conv1")(x)
+        y = Conv(
+            self.features, 3, self.stride, 1, use_bias=False, impl=self.conv_impl, name="conv1"
+        )(x)
         y = nn.relu(_bn(train, "bn1")(y))
         y = Conv(self.features, 3, 1, 1, use_bias=False, impl=self.conv_impl, name="conv2")(y)
         y = _bn(train, "bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = Conv(self.features, 1, self.stride, 0, use_bias=False, impl=self.conv_impl,
-                     name="shortcut_conv")(x)
+            x = Conv(
+                self.features,
+                1,
+                self.stride,
+                0,
+                use_bias=False,
+                impl=self.conv_impl,
+                name="shortcut_conv",
+            )(x)
             x = _bn(train, "shortcut_bn")(x)
         return nn.relu(y + x)
 

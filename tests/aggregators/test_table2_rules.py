@@ -14,6 +14,7 @@ Selection outcomes (which clients DnC/Bulyan keep) must match exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -88,6 +89,10 @@ class LinearProxy:
         return sageflow_oracle.linear_softmax_loss_entropy(flat, self.x_np, self.y_np, self.C)
 
 
+PROXY = LinearProxy()
+
+
+@functools.cache  # one env object per configuration, so `_build` can reuse compilations
 def _env(n, *, m=0, proxy=None, total=None, rounds=5) -> AggregatorEnv:
     return AggregatorEnv(
         n_clients=n,
@@ -131,9 +136,16 @@ def _neutralise(w, g, valid):
     return np.where(valid[:, None], w, g[None, :]).astype(np.float32)
 
 
+_BUILT: dict = {}
+
+
 def _build(name, env, **opts):
-    agg = get_aggregator(name, env, **opts)
-    return agg.init, jax.jit(agg.aggregate)
+    """get_aggregator + jax.jit, cached per (rule, env, options) to compile each once."""
+    key = (name, id(env), tuple(sorted(opts.items())))
+    if key not in _BUILT:
+        agg = get_aggregator(name, env, **opts)
+        _BUILT[key] = (agg.init, jax.jit(agg.aggregate))
+    return _BUILT[key]
 
 
 def _run(name, env, w, ctx, state=None, **opts):
@@ -231,7 +243,7 @@ def _sageflow_inputs(n, seed):
     ],
 )
 def test_sageflow_matches_oracle(n, invalid, opts):
-    proxy = LinearProxy()
+    proxy = PROXY
     g, w, sizes = _sageflow_inputs(n, 21)
     valid = _valid(n, invalid)
     w = _neutralise(w, g, valid)
@@ -252,7 +264,7 @@ def test_sageflow_matches_oracle(n, invalid, opts):
 
 def test_sageflow_fallback_and_reference_bug():
     n = 10
-    proxy = LinearProxy()
+    proxy = PROXY
     g, w, sizes = _sageflow_inputs(n, 22)
     valid = _valid(n, True)
     w = _neutralise(w, g, valid)
@@ -292,8 +304,8 @@ def test_bulyan_matches_oracle_over_rounds(n, f, invalid, opts):
     vel = np.zeros(D)
     mom = opts.get("momentum", 0.9)
     for t in range(3):  # momentum carries over rounds
-        _, w, _ = _data(n, 40 + t)
-        w = _neutralise((g + (w - w.mean(0))).astype(np.float32), g, valid)
+        g_t, w, _ = _data(n, 40 + t)
+        w = _neutralise((g + (w - g_t)).astype(np.float32), g, valid)
         out, state, info = aggregate(jnp.asarray(w), state, _ctx(g, n, t=t, valid=valid))
         exp, vel, exp_w, _ = bulyan_oracle.bulyan(
             w,
@@ -465,7 +477,8 @@ def test_foolsgold_matches_oracle_over_rounds(n, total, opts):
     rng = np.random.default_rng(0)
     sybil = rng.normal(size=D)
     for t in range(3):
-        _, w, _ = _data(n, 90 + t)
+        g_t, w, _ = _data(n, 90 + t)
+        w = g + (w - g_t)  # benign: independent random updates around the current g
         w[-2:] = g + 0.2 * sybil + 0.01 * rng.normal(size=(2, D))  # two colluding sybils
         w = w.astype(np.float32)
         ids = rng.permutation(env.n_registered)[:n]
@@ -552,7 +565,7 @@ def test_rsa_sequential_clip_depends_on_order():
 
 @pytest.mark.parametrize(("n", "invalid"), [(3, False), (10, True)])
 def test_finetuning_matches_oracle(n, invalid):
-    proxy = LinearProxy()
+    proxy = PROXY
     g, w, _ = _data(n, 111)
     valid = _valid(n, invalid)
     w = _neutralise(w, g, valid)
@@ -593,7 +606,7 @@ OUTLIER_NORM = 1e4
 def test_robust_rules_resist_huge_outliers(name, opts):
     """f = 3 < n/2 identical huge-norm rows: the robust rules stay near the benign mean."""
     n, f = 10, 3
-    proxy = LinearProxy()
+    proxy = PROXY
     g, w, sizes = _data(n, 121)
     direction = np.random.default_rng(1).normal(size=D)
     w[n - f :] = g + OUTLIER_NORM * direction / np.linalg.norm(direction)
@@ -603,13 +616,12 @@ def test_robust_rules_resist_huge_outliers(name, opts):
     ctx = _ctx(g, n, sizes=sizes)
     env = _env(n, m=f, proxy=proxy)
     out, _, weights = _run(name, env, w, ctx, **opts)
-    if name == "rsa":
-        # RSA protects the parameters only: BN statistics take the plain client mean.
-        out, centre = out[PARAM_MASK], centre[PARAM_MASK]
+    # RSA protects the parameters only: BN statistics take the plain client mean.
+    coords = PARAM_MASK if name == "rsa" else np.ones(D, bool)
     # SageFlow's 1/loss weight falls like 1/‖outlier‖, so the outliers keep an O(1) pull
     # (bounded, independent of their norm) instead of vanishing.
     bound = 20 * radius if name == "sageflow" else 2 * radius
-    assert np.linalg.norm(out - centre) <= bound
+    assert np.linalg.norm((out - centre)[coords]) <= bound
     fedavg, _, _ = _run("fedavg", env, w, ctx)
     assert np.linalg.norm(fedavg - centre) > 100 * radius
     if name in ("dnc", "bulyan", "foolsgold"):
