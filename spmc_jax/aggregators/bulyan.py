@@ -17,8 +17,9 @@ f = `env.num_malicious` (⌊n·γ⌋), or the `num_malicious` option when >= 0. 
 guarantee needs n ≥ 4f + 3; when that fails (e.g. n = 10 with f ≥ 2, Table 2's setting) the
 counts are clamped: θ = max(n − 2f, 1), β = max(θ − 2f, 2 − θ mod 2) (at least the
 coordinate median of the selection), Krum neighbours clamped to [1, |R| − 1]; with f = 3,
-n = 10 that selects 4 vectors by Krum and takes their coordinate median (β = 2). Invalid rows (ctx.valid False) are never neighbours, are selected only once no
-valid row remains, and are never aggregated.
+n = 10 that selects 4 vectors by Krum and takes their coordinate median (β = 2). Invalid
+rows (ctx.valid False) are never neighbours, are selected only once no valid row remains,
+and are never aggregated.
 
 Momentum is applied to the trainable-parameter coordinates (env.param_mask); BatchNorm
 statistics take the plain aggregate (`momentum_buffers=False`): momentum on running

@@ -16,7 +16,11 @@ Details of this implementation:
   client's whole vector (statistics included) becomes the update.
 * Non-finite rows (`ctx.valid` False, already replaced by a zero update) are dropped:
   they are never selected and never neighbours, and the neighbour count is that of Krum
-  on the n_valid remaining rows, n_valid − f − 2 (see `krum_scores_on_valid`).
+  on the n_valid remaining rows, n_valid − f − 2 (see `krum_order`). With no valid row
+  the global model is kept.
+* Ties in the score are broken by the total distance to all valid rows (see `krum_order`),
+  which keeps the rule invariant to the client order; with one neighbour (e.g. n = 3,
+  f = 0) the two rows of the closest pair always tie.
 * Reference behaviour (spmc_reference.md §4, `RF/Server/Krum.py`) via options: the score
   sums *non-squared* distances to *all* other clients (`squared=False`,
   `num_neighbors=n-1`) and the aggregate goes through server momentum 0.9
@@ -52,22 +56,30 @@ def server_momentum_step(
     Returns:
       (new state v, the update to add to the global model, which is v).
     """
-    v = momentum * state + update
+    v = jnp.where(param_mask, momentum * state + update, update)
     return v, v
 
 
-def krum_scores_on_valid(
+def krum_order(
     deltas: jax.Array,
     valid: jax.Array,
     f: int,
     num_neighbors: int,
     squared: bool,
     mask: jax.Array,
-) -> jax.Array:
-    """Krum scores of the valid rows as if the invalid rows did not exist; invalid rows get +inf.
+) -> tuple[jax.Array, jax.Array]:
+    """Krum scores of the valid rows, as if the invalid rows did not exist, and the ranking.
 
     The neighbour count is `num_neighbors` when > 0 (capped at the n_valid − 1 available),
-    else n_valid − f − 2: Krum on the n_valid valid rows with the same f.
+    else n_valid − f − 2: Krum on the n_valid valid rows with the same f. Invalid rows
+    score +inf.
+
+    Ties in the score (inevitable with one neighbour: the two rows of the closest pair
+    score the same) are broken by the sum of distances to all valid rows, then by row
+    index, so the choice does not depend on the client order except in exact double ties.
+
+    Returns:
+      (scores (n,), order (n,) int: row indices from best to worst).
     """
     x = jnp.where(mask[None, :], deltas, 0.0)
     d = pairwise_sq_dists(x)
@@ -77,7 +89,10 @@ def krum_scores_on_valid(
         k = jnp.asarray(num_neighbors, jnp.int32)
     else:
         k = jnp.sum(valid).astype(jnp.int32) - f - 2
-    return krum_scores(d, k, valid)
+    scores = krum_scores(d, k, valid)
+    total = jnp.where(valid, jnp.sum(jnp.where(valid[None, :], d, 0.0), axis=1), jnp.inf)
+    # lexsort: the last key is the primary one; it is stable, so row index breaks the rest.
+    return scores, jnp.lexsort((total, scores))
 
 
 def krum_neighbors(n: int, f: int, num_neighbors: int, rule: str) -> int:
@@ -130,8 +145,8 @@ def krum(
 
     def aggregate(client_flat, state, ctx):
         deltas = client_flat - ctx.global_flat[None, :]
-        scores = krum_scores_on_valid(deltas, ctx.valid, f, num_neighbors, squared, mask)
-        best = jnp.argmin(scores)
+        _, order = krum_order(deltas, ctx.valid, f, num_neighbors, squared, mask)
+        best = order[0]
         # All rows invalid: nothing to select, keep the global model.
         any_valid = jnp.any(ctx.valid)
         weights = jnp.where(

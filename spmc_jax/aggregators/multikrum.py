@@ -2,7 +2,7 @@
 
 Krum scores as in `krum.py` (sum of squared distances of Δ_i = w_i − g to the n − f − 2
 nearest other updates), computed once; the server averages the m updates with the
-smallest scores:
+smallest scores (ties broken as in Krum, by the total distance to all valid rows):
 
     g' = g + (1/m) Σ_{i ∈ S_m} Δ_i,     S_m = the m lowest scores,   m = n − f by default.
 
@@ -33,7 +33,7 @@ from spmc_jax.aggregators.base import (
 )
 from spmc_jax.aggregators.krum import (
     krum_neighbors,
-    krum_scores_on_valid,
+    krum_order,
     server_momentum_step,
 )
 
@@ -77,12 +77,12 @@ def multikrum(
 
     def aggregate(client_flat, state, ctx):
         deltas = client_flat - ctx.global_flat[None, :]
-        scores = krum_scores_on_valid(deltas, ctx.valid, f, num_neighbors, squared, mask)
+        _, order = krum_order(deltas, ctx.valid, f, num_neighbors, squared, mask)
         n_valid = jnp.sum(ctx.valid).astype(jnp.int32)
         m_eff = jnp.maximum(n_valid - f, 1) if m <= 0 else jnp.asarray(m, jnp.int32)
         m_eff = jnp.minimum(m_eff, n_valid)
-        # Rank of each row by score (invalid rows score +inf and rank last).
-        rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+        # Rank of each row (invalid rows score +inf and rank last); ties as in Krum.
+        rank = jnp.argsort(order)
         selected = (rank < m_eff) & ctx.valid
         weights = normalized(selected.astype(jnp.float32))
         update = weighted_mean(deltas, weights)

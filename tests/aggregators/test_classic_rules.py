@@ -37,6 +37,7 @@ MEAN_RTOL = 1e-5
 MEAN_ATOL = 1e-5
 WEIGHT_ATOL = 1e-6
 D = 48
+RULES = ("krum", "multikrum", "median", "trimmed_mean", "norm_clipping", "centered_clipping")
 
 
 def _data(n: int, d: int = D, seed: int = 0, spread: float = 0.1):
@@ -131,6 +132,19 @@ def test_krum_hand_case():
     out, _, weights = _run("krum", env, g + deltas, make_ctx(g, 4))
     np.testing.assert_allclose(out, g, atol=SELECT_ATOL)
     np.testing.assert_array_equal(weights, [1, 0, 0, 0])
+
+
+def test_krum_tie_break_is_order_free():
+    # n = 3, f = 0 → one neighbour. Updates 0, 3, 4 on a line: d01 = 9, d02 = 16, d12 = 1,
+    # so clients 1 and 2 tie at score 1; the total distance (10 vs 17) picks client 1, in
+    # any row order.
+    g = np.zeros(2, np.float32)
+    deltas = np.array([[0, 0], [3, 0], [4, 0]], np.float32)
+    env = make_env(3, 2, num_malicious=0, param_mask=np.ones(2, bool))
+    for perm in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        out, _, weights = _run("krum", env, deltas[perm], make_ctx(g, 3))
+        np.testing.assert_allclose(out, deltas[1])
+        assert weights[perm.index(1)] == 1.0
 
 
 def test_krum_distances_ignore_statistics():
@@ -395,6 +409,19 @@ def test_centered_clipping_matches_oracle(tau, iters, use_history):
         g1, w2, tau, iters, v0=v1 if use_history else None, mask=env.param_mask, valid=valid
     )
     np.testing.assert_allclose(out2, exp2, rtol=MEAN_RTOL, atol=MEAN_ATOL)
+
+
+# ----------------------------------------------------------------------------- all invalid
+
+
+@pytest.mark.parametrize("name", [*RULES, "fltrust"])
+def test_all_rows_invalid_keeps_global(name):
+    n = 6
+    g, w = _data(n, seed=95)
+    w[:] = np.nan
+    out, _, weights = _run(name, make_env(n, D, num_malicious=1), w, make_ctx(g, n))
+    np.testing.assert_array_equal(out, g)
+    np.testing.assert_array_equal(weights, 0.0)
 
 
 # ----------------------------------------------------------------------------- validation

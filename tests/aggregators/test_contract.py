@@ -161,7 +161,10 @@ def test_permutation_invariance(name: str, n: int) -> None:
     c = _compiled(name, n)
     g, w = _data(n, 3)
     ctx = _ctx(g, n, 3)
-    perm = np.random.default_rng(4).permutation(n)
+    # A single n-cycle through a random order: every client changes row.
+    order = np.random.default_rng(4).permutation(n)
+    perm = np.empty(n, int)
+    perm[order] = np.roll(order, 1)
     ctx_p = ctx._replace(
         n_samples=ctx.n_samples[perm], valid=ctx.valid[perm], client_ids=ctx.client_ids[perm]
     )

@@ -93,7 +93,8 @@ PROXY = LinearProxy()
 
 
 @functools.cache  # one env object per configuration, so `_build` can reuse compilations
-def _env(n, *, m=0, proxy=None, total=None, rounds=5) -> AggregatorEnv:
+def _env(n, *, m=0, proxy=True, total=None, rounds=5) -> AggregatorEnv:
+    """Env with the test proxy (ignored by non-proxy rules; shared so builds are reused)."""
     return AggregatorEnv(
         n_clients=n,
         num_malicious=m,
@@ -101,7 +102,7 @@ def _env(n, *, m=0, proxy=None, total=None, rounds=5) -> AggregatorEnv:
         rounds=rounds,
         param_mask=PARAM_MASK,
         total_clients=total,
-        proxy=proxy,
+        proxy=PROXY if proxy else None,
     )
 
 
@@ -170,8 +171,7 @@ def _close(actual, expected, atol=ATOL):
     [
         (3, False, 1, 1.0, 10000, 1, True),
         (10, False, 3, 0.5, 10000, 1, True),
-        (10, False, 3, 1.0, 16, 2, True),
-        (10, True, 4, 1.0, 16, 1, False),
+        (10, True, 4, 1.0, 16, 2, False),
     ],
 )
 def test_dnc_matches_oracle(n, invalid, m, filter_frac, sub_dim, num_iters, normalize):
@@ -217,6 +217,7 @@ def test_dnc_num_malicious_override_and_reference_permutation():
     # Same number kept, but the kept set is the permuted one (not the 7 benign clients here).
     perm = np.asarray(jax.random.permutation(jax.random.split(ctx.key, 2)[1], n))
     np.testing.assert_allclose(wbug, weights[perm], atol=1e-6)
+    assert np.any(wbug[7:] > 0)
     with pytest.raises(ValueError, match="num_malicious"):
         get_aggregator("dnc", _env(n), num_malicious=11)
 
@@ -235,11 +236,9 @@ def _sageflow_inputs(n, seed):
 @pytest.mark.parametrize(
     ("n", "invalid", "opts"),
     [
-        (3, False, {}),
-        (10, True, {}),
         (3, False, {"eth": 0.9}),
         (10, True, {"eth": 0.9, "delta": 2.0, "data_weighted": True}),
-        (10, False, {"eth": 0.9, "client_chunk": 4}),
+        (10, False, {"client_chunk": 4}),
     ],
 )
 def test_sageflow_matches_oracle(n, invalid, opts):
@@ -247,9 +246,7 @@ def test_sageflow_matches_oracle(n, invalid, opts):
     g, w, sizes = _sageflow_inputs(n, 21)
     valid = _valid(n, invalid)
     w = _neutralise(w, g, valid)
-    out, _, weights = _run(
-        "sageflow", _env(n, proxy=proxy), w, _ctx(g, n, valid=valid, sizes=sizes), **opts
-    )
+    out, _, weights = _run("sageflow", _env(n), w, _ctx(g, n, valid=valid, sizes=sizes), **opts)
     stats = [proxy.loss_entropy_np(row) for row in w.astype(np.float64)]
     losses, ents = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
     kw = {k: v for k, v in opts.items() if k != "client_chunk"}
@@ -264,19 +261,20 @@ def test_sageflow_matches_oracle(n, invalid, opts):
 
 def test_sageflow_fallback_and_reference_bug():
     n = 10
-    proxy = PROXY
     g, w, sizes = _sageflow_inputs(n, 22)
     valid = _valid(n, True)
     w = _neutralise(w, g, valid)
     ctx = _ctx(g, n, valid=valid, sizes=sizes)
     uniform = valid / valid.sum()
     mean = uniform @ w.astype(np.float64)
-    for opts in ({"eth": 0.0}, {"eth": 0.0, "eps": 0.0}, {"reference_bug": True}):
-        out, _, weights = _run("sageflow", _env(n, proxy=proxy), w, ctx, **opts)
+    # eth = 0 filters everybody; eps = 0 forces the explicit fallback (with eps > 0 the
+    # oracle cases above check the eps term).
+    for opts in ({"eth": 0.0, "eps": 0.0}, {"reference_bug": True}):
+        out, _, weights = _run("sageflow", _env(n), w, ctx, **opts)
         _close(weights, uniform)
         _close(out, mean)
     # Without the bug the weights are not uniform on these models.
-    _, _, weights = _run("sageflow", _env(n, proxy=proxy), w, ctx)
+    _, _, weights = _run("sageflow", _env(n), w, ctx, client_chunk=4)
     assert np.ptp(weights[valid]) > 1e-2
 
 
@@ -286,13 +284,11 @@ def test_sageflow_fallback_and_reference_bug():
 @pytest.mark.parametrize(
     ("n", "f", "invalid", "opts"),
     [
-        (3, 0, False, {}),
-        (10, 0, False, {}),
-        (10, 1, False, {}),
-        (10, 2, True, {}),
-        (10, 3, False, {"momentum_buffers": True}),
-        (10, 3, True, {"reference_fixed_f": True}),
-        (3, 0, False, {"reference_fixed_f": True, "momentum": 0.5}),
+        (3, 0, False, {"momentum": 0.5}),  # θ = β = 3: the mean
+        (10, 2, True, {"momentum_buffers": True}),  # θ = 6, β = 2
+        (10, 3, False, {}),  # clamped: θ = 4, β = 2
+        # θ = 8, β = 5, non-squared Krum; momentum added to the model of client id 0.
+        (10, 3, True, {"reference_fixed_f": True, "reference_base_client0": True}),
     ],
 )
 def test_bulyan_matches_oracle_over_rounds(n, f, invalid, opts):
@@ -303,10 +299,15 @@ def test_bulyan_matches_oracle_over_rounds(n, f, invalid, opts):
     state = init(jnp.asarray(g))
     vel = np.zeros(D)
     mom = opts.get("momentum", 0.9)
+    # Client ids in a random row order, so "client id 0" is not row 0.
+    ids = np.random.default_rng(2).permutation(n)
+    row0 = int(np.argmax(ids == 0))
+    assert row0 != 0
     for t in range(3):  # momentum carries over rounds
         g_t, w, _ = _data(n, 40 + t)
         w = _neutralise((g + (w - g_t)).astype(np.float32), g, valid)
-        out, state, info = aggregate(jnp.asarray(w), state, _ctx(g, n, t=t, valid=valid))
+        ctx = _ctx(g, n, t=t, valid=valid, ids=ids)
+        out, state, info = aggregate(jnp.asarray(w), state, ctx)
         exp, vel, exp_w, _ = bulyan_oracle.bulyan(
             w,
             g,
@@ -317,25 +318,12 @@ def test_bulyan_matches_oracle_over_rounds(n, f, invalid, opts):
             momentum=mom,
             momentum_buffers=opts.get("momentum_buffers", False),
             reference_fixed_f=opts.get("reference_fixed_f", False),
+            base=w[row0] if opts.get("reference_base_client0") else None,
         )
         _close(info.client_weights, exp_w, atol=1e-6)
         _close(out, exp)
         _close(state.velocity, vel)
         g = np.asarray(out)
-
-
-def test_bulyan_reference_base_client0():
-    n = 10
-    g, w, _ = _data(n, 33)
-    ids = np.random.default_rng(0).permutation(n)  # client 0 sits in some other row
-    ctx = _ctx(g, n, ids=ids)
-    out, _state, _ = _run("bulyan", _env(n, m=2), w, ctx, reference_base_client0=True)
-    row0 = int(np.argmax(ids == 0))
-    exp, _, _, _ = bulyan_oracle.bulyan(
-        w, g, np.ones(n, bool), 2, np.zeros(D), PARAM_MASK, base=w[row0]
-    )
-    _close(out, exp)
-    assert row0 != 0
 
 
 def test_bulyan_counts_clamp():
@@ -354,11 +342,8 @@ def test_bulyan_counts_clamp():
     ("n", "invalid", "opts"),
     [
         (3, False, {}),
-        (10, False, {}),
         (10, True, {}),
-        (10, False, {"maxiter": 0}),
-        (3, False, {"maxiter": 1}),
-        (10, True, {"maxiter": 20, "data_weighted": False}),
+        (10, False, {"maxiter": 20, "data_weighted": False}),
     ],
 )
 def test_rfa_matches_oracle(n, invalid, opts):
@@ -379,11 +364,9 @@ def test_rfa_matches_oracle(n, invalid, opts):
 @pytest.mark.parametrize(
     ("n", "invalid", "opts"),
     [
-        (3, False, {}),
-        (10, False, {}),
-        (10, True, {}),
         (3, False, {"threshold": 2.0}),
-        (10, True, {"threshold": 7.0, "server_lr": 0.5}),
+        (10, True, {}),
+        (10, False, {"threshold": 7.0, "server_lr": 0.5}),
     ],
 )
 def test_rlr_matches_oracle(n, invalid, opts):
@@ -391,6 +374,9 @@ def test_rlr_matches_oracle(n, invalid, opts):
     w[:, :10] += 0.15  # coordinates with strong sign agreement, so both η signs occur
     valid = _valid(n, invalid)
     w = _neutralise(w, g, valid)
+    votes = np.abs(np.sign(w[valid] - g).sum(0))[PARAM_MASK]
+    thr = opts.get("threshold", 4.0)
+    assert (votes >= thr).any() and (votes < thr).any()  # both η signs are exercised
     out, _, weights = _run("rlr", _env(n), w, _ctx(g, n, valid=valid, sizes=sizes), **opts)
     exp, exp_w = rlr_oracle.rlr(w, g, valid, sizes, PARAM_MASK, **opts)
     _close(weights, exp_w)
@@ -466,12 +452,19 @@ FG_ATOL = 1e-4
 
 @pytest.mark.parametrize(
     ("n", "total", "opts"),
-    [(3, None, {}), (10, None, {}), (4, 7, {}), (4, 7, {"normalize": False, "confidence": 0.8})],
+    [
+        (3, None, {"reference_first_coords": True}),
+        (10, None, {}),
+        (4, 7, {"normalize": False, "confidence": 0.8}),
+    ],
 )
 def test_foolsgold_matches_oracle_over_rounds(n, total, opts):
     env = _env(n, total=total)
     init, aggregate = _build("foolsgold", env, **opts)
-    oracle = foolsgold_oracle.FoolsGold(PARAM_MASK, **opts)
+    oracle_opts = {k: v for k, v in opts.items() if k != "reference_first_coords"}
+    oracle = foolsgold_oracle.FoolsGold(PARAM_MASK, **oracle_opts)
+    # reference_first_coords: cosines on the first n parameter coordinates only.
+    coords = np.flatnonzero(PARAM_MASK)[:n] if opts.get("reference_first_coords") else None
     g, _, _ = _data(n, 81)
     state = init(jnp.asarray(g))
     rng = np.random.default_rng(0)
@@ -481,11 +474,14 @@ def test_foolsgold_matches_oracle_over_rounds(n, total, opts):
         w = g + (w - g_t)  # benign: independent random updates around the current g
         w[-2:] = g + 0.2 * sybil + 0.01 * rng.normal(size=(2, D))  # two colluding sybils
         w = w.astype(np.float32)
-        ids = rng.permutation(env.n_registered)[:n]
+        # Benign rows: a random subset of the other registered ids, in random order; the
+        # sybils are always registered ids N − 2, N − 1 (so their histories accumulate).
+        big_n = env.n_registered
+        ids = np.concatenate([rng.permutation(big_n - 2)[: n - 2], [big_n - 2, big_n - 1]])
         valid = _valid(n, t == 1 and n > 3)
         w = _neutralise(w, g, valid)
         out, state, info = aggregate(jnp.asarray(w), state, _ctx(g, n, t=t, valid=valid, ids=ids))
-        exp, exp_w = oracle.round(w, g, valid, ids)
+        exp, exp_w = oracle.round(w, g, valid, ids, coords=coords)
         _close(info.client_weights, exp_w, atol=FG_ATOL)
         _close(out, exp, atol=FG_ATOL)
         g = np.asarray(out)
@@ -493,18 +489,11 @@ def test_foolsgold_matches_oracle_over_rounds(n, total, opts):
     assert np.all(np.asarray(info.client_weights)[-2:] < 0.05)
 
 
-def test_foolsgold_reference_options():
+def test_foolsgold_reference_permutation_bug():
     n = 5
     env = _env(n)
     g, w, _ = _data(n, 83)
     ctx = _ctx(g, n, seed=4)
-    # First n parameter coordinates only.
-    out, _, weights = _run("foolsgold", env, w, ctx, reference_first_coords=True)
-    exp, exp_w = foolsgold_oracle.FoolsGold(PARAM_MASK).round(
-        w, g, np.ones(n, bool), np.arange(n), coords=np.flatnonzero(PARAM_MASK)[:n]
-    )
-    _close(weights, exp_w)
-    _close(out, exp)
     # Position-indexed history: row p gets the update of client perm[p].
     out, _, weights = _run("foolsgold", env, w, ctx, reference_permutation_bug=True)
     perm = np.asarray(jax.random.permutation(ctx.key, n))
@@ -524,11 +513,9 @@ def test_foolsgold_reference_options():
     ("n", "invalid", "opts"),
     [
         (3, False, {}),
-        (10, False, {}),
         (10, True, {}),
-        (10, False, {"clip": math.inf}),
         (10, True, {"clip": 2.0, "reference_sequential_clip": True}),
-        (3, False, {"reference_frozen_buffers": True, "alpha": 0.5}),
+        (3, False, {"clip": math.inf, "reference_frozen_buffers": True, "alpha": 0.5}),
     ],
 )
 def test_rsa_matches_oracle(n, invalid, opts):
@@ -548,14 +535,15 @@ def test_rsa_matches_oracle(n, invalid, opts):
 
 
 def test_rsa_sequential_clip_depends_on_order():
-    # Five votes +1 then five votes −1: clip-after-each-addition ends at 3 − 5 = −2; in the
-    # reverse order at −3 + 5 = +2. The default (clip the sum, 0) is order independent.
+    # Five votes +1 then five votes −1: clip-after-each-addition (c = 2) ends at 2 − 5 = −2;
+    # in the reverse order at −2 + 5 = +2. The default (clip the sum, 0) is order independent.
     n = 10
     g = np.zeros(D, np.float32)
     w = np.where(np.arange(n)[:, None] < 5, -1.0, 1.0) * np.ones((n, D), np.float32)
     w = w.astype(np.float32)
     outs = [
-        _run("rsa", _env(n), x, _ctx(g, n), reference_sequential_clip=True)[0] for x in (w, w[::-1])
+        _run("rsa", _env(n), x, _ctx(g, n), clip=2.0, reference_sequential_clip=True)[0]
+        for x in (w, w[::-1])
     ]
     assert not np.allclose(outs[0][PARAM_MASK], outs[1][PARAM_MASK])
 
@@ -569,21 +557,22 @@ def test_finetuning_matches_oracle(n, invalid):
     g, w, _ = _data(n, 111)
     valid = _valid(n, invalid)
     w = _neutralise(w, g, valid)
-    out, _, weights = _run("finetuning", _env(n, proxy=proxy), w, _ctx(g, n, valid=valid))
+    out, _, weights = _run("finetuning", _env(n), w, _ctx(g, n, valid=valid))
     train = lambda x: np.asarray(proxy.train(jnp.asarray(x, jnp.float32), None, 1))
     exp, exp_w = finetuning_oracle.finetuning(w, valid, train)
     _close(weights, exp_w)
     _close(out, exp)
     mean = exp_w @ w.astype(np.float64)
     assert proxy.loss_entropy_np(out)[0] < proxy.loss_entropy_np(mean)[0]  # it did train
-    out0, _, _ = _run("finetuning", _env(n, proxy=proxy), w, _ctx(g, n, valid=valid), epochs=0)
-    _close(out0, mean)
+    if n == 10:
+        out0, _, _ = _run("finetuning", _env(n), w, _ctx(g, n, valid=valid), epochs=0)
+        _close(out0, mean)
 
 
 @pytest.mark.parametrize("name", ["sageflow", "finetuning"])
 def test_proxy_rules_refuse_to_build_without_proxy(name):
     with pytest.raises(ValueError, match="proxy"):
-        get_aggregator(name, _env(10))
+        get_aggregator(name, _env(10, proxy=False))
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -595,9 +584,9 @@ OUTLIER_NORM = 1e4
 @pytest.mark.parametrize(
     ("name", "opts"),
     [
-        ("dnc", {"filter_frac": 1.0}),
+        ("dnc", {"filter_frac": 1.0, "num_malicious": 3}),
         ("bulyan", {}),
-        ("rfa", {"maxiter": 50}),
+        ("rfa", {"maxiter": 20, "data_weighted": False}),
         ("foolsgold", {}),
         ("rsa", {}),
         ("sageflow", {}),
@@ -606,7 +595,6 @@ OUTLIER_NORM = 1e4
 def test_robust_rules_resist_huge_outliers(name, opts):
     """f = 3 < n/2 identical huge-norm rows: the robust rules stay near the benign mean."""
     n, f = 10, 3
-    proxy = PROXY
     g, w, sizes = _data(n, 121)
     direction = np.random.default_rng(1).normal(size=D)
     w[n - f :] = g + OUTLIER_NORM * direction / np.linalg.norm(direction)
@@ -614,7 +602,7 @@ def test_robust_rules_resist_huge_outliers(name, opts):
     centre = benign.mean(0)
     radius = np.max(np.linalg.norm(benign - centre, axis=1))
     ctx = _ctx(g, n, sizes=sizes)
-    env = _env(n, m=f, proxy=proxy)
+    env = _env(n, m=f if name == "bulyan" else 0)  # m only matters to Bulyan here
     out, _, weights = _run(name, env, w, ctx, **opts)
     # RSA protects the parameters only: BN statistics take the plain client mean.
     coords = PARAM_MASK if name == "rsa" else np.ones(D, bool)
@@ -622,7 +610,7 @@ def test_robust_rules_resist_huge_outliers(name, opts):
     # (bounded, independent of their norm) instead of vanishing.
     bound = 20 * radius if name == "sageflow" else 2 * radius
     assert np.linalg.norm((out - centre)[coords]) <= bound
-    fedavg, _, _ = _run("fedavg", env, w, ctx)
+    fedavg, _, _ = _run("fedavg", _env(n), w, ctx)
     assert np.linalg.norm(fedavg - centre) > 100 * radius
     if name in ("dnc", "bulyan", "foolsgold"):
         assert np.all(weights[n - f :] < 1e-3)  # the outliers got (essentially) no weight

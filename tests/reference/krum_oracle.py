@@ -33,10 +33,26 @@ def krum_scores(deltas, f, valid=None, num_neighbors=None, squared=True, mask=No
     return scores
 
 
+def krum_order(deltas, f, valid=None, num_neighbors=None, squared=True, mask=None) -> list[int]:
+    """Row indices from best to worst: by score, then by the sum of (squared) distances to
+    all valid rows (tie-break), then by index; invalid rows last."""
+    x = np.asarray(deltas, np.float64)
+    n = x.shape[0]
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    scores = krum_scores(deltas, f, valid, num_neighbors, squared, mask)
+    if mask is not None:
+        x = x[:, np.asarray(mask, bool)]
+    total = np.full(n, np.inf)
+    for i in range(n):
+        if valid[i]:
+            sq = [float(np.sum((x[i] - x[j]) ** 2)) for j in range(n) if valid[j]]
+            total[i] = sum(sq) if squared else sum(np.sqrt(v) for v in sq)
+    return sorted(range(n), key=lambda i: (scores[i], total[i], i))
+
+
 def krum(global_flat, client_flat, f, valid=None, num_neighbors=None, squared=True, mask=None):
     """Returns (new global g + Δ_best, index of the selected client)."""
     g = np.asarray(global_flat, np.float64)
     deltas = np.asarray(client_flat, np.float64) - g
-    scores = krum_scores(deltas, f, valid, num_neighbors, squared, mask)
-    best = int(np.argmin(scores))
+    best = krum_order(deltas, f, valid, num_neighbors, squared, mask)[0]
     return g + deltas[best], best

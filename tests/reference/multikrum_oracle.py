@@ -1,13 +1,13 @@
 """Oracle: Multi-Krum (Blanchard et al., NeurIPS 2017) in float64 NumPy.
 
-The mean of the m updates with the lowest Krum scores (scores from `krum_oracle`).
+The mean of the m updates with the lowest Krum scores (scores and tie-break from `krum_oracle`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tests.reference.krum_oracle import krum_scores
+from tests.reference.krum_oracle import krum_order
 
 
 def multikrum(
@@ -24,7 +24,6 @@ def multikrum(
     n_valid = int(valid.sum())
     m_eff = max(n_valid - f, 1) if m is None else m
     m_eff = min(m_eff, n_valid)
-    scores = krum_scores(deltas, f, valid, num_neighbors, squared, mask)
-    order = sorted(range(n), key=lambda i: (scores[i], i))
+    order = krum_order(deltas, f, valid, num_neighbors, squared, mask)
     chosen = sorted(order[:m_eff])
     return g + deltas[chosen].mean(axis=0), chosen

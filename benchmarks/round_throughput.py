@@ -1,0 +1,202 @@
+"""Round throughput: the vectorized engine against a sequential loop of the same client step.
+
+For every client count K (and every `--defense`, default fedavg and spmc) this builds a real
+`Simulation` on SYNTHETIC data (random uint8 28×28 "MNIST-kind" images, IID partition, every
+client holding `--samples` images, so `--samples // --batch-size` SGD steps per local epoch)
+and times, in the same process on the same device:
+
+- `engine`: one full jitted round, `Simulation.run_rounds(state, data, 1, r)` (local training
+  of all K clients + attack + aggregation + new global; SPMC also teachers and projection);
+- `vmap`: the vmapped local training alone (no aggregation), for reference;
+- `sequential`: a Python loop over the K clients of the SAME client function
+  (`Simulation.local_train`), jitted once, each call blocked on, then the same aggregation
+  is not included (so the ratio engine/sequential is conservative for the engine).
+
+Client-steps = K × local epochs × steps per epoch. Timing: one warm-up call (compile time
+reported separately), then the median of `--repeats` calls; wall time and the process CPU
+time (the second is less sensitive to other processes on a shared machine). The sequential
+loop is measured on min(K, `--seq-max`) clients and scaled linearly (stated in the output).
+
+    python benchmarks/round_throughput.py --quick
+    python benchmarks/round_throughput.py --clients 10 100 1000 --json runs/round.json
+    python benchmarks/round_throughput.py --conv-impl lax patches --clients 10 100
+
+Nothing here asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spmc_jax.client import ClientTask  # noqa: E402
+from spmc_jax.config import Config  # noqa: E402
+from spmc_jax.data.types import Dataset  # noqa: E402
+from spmc_jax.engine import Simulation  # noqa: E402
+
+
+def synthetic_dataset(n_train: int, n_test: int = 200, seed: int = 0) -> Dataset:
+    """Random MNIST-shaped uint8 images with random labels (throughput only, not learning)."""
+    rng = np.random.RandomState(seed)
+    x = rng.randint(0, 256, (n_train + n_test, 28, 28, 1), dtype=np.uint8)
+    y = rng.randint(0, 10, n_train + n_test).astype(np.int32)
+    return Dataset(
+        "synthetic-mnist", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "generated", "mnist"
+    )
+
+
+def _time(fn, repeats: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        jax.block_until_ready(fn())
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {
+        "first_call_s": first,
+        "wall_s": statistics.median(walls),
+        "cpu_s": statistics.median(cpus),
+    }
+
+
+def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one (K, defense, conv_impl) cell."""
+    # Pool = 90% of the train split; every client gets exactly `samples` images (IID split).
+    n_train = int(np.ceil(k * args.samples / 0.9)) + 10
+    ds = synthetic_dataset(n_train)
+    cfg = Config(
+        dataset="mnist", clients=k, rounds=1, local_epochs=args.local_epochs,
+        batch_size=args.batch_size, partition="iid", defense=defense, attack="base",
+        gamma=0.2, conv_impl=conv_impl, client_chunk=args.client_chunk, eval_batch=200,
+    )
+    sim = Simulation(cfg, ds)
+    plan = sim.plan
+    steps = int(plan.partition.sizes.min() // cfg.batch_size) * plan.epochs
+    client_steps = k * steps
+    state = sim.init_state()
+    data = sim.data
+    r0 = jnp.asarray(0, jnp.int32)
+    res: dict[str, Any] = {
+        "K": k, "defense": defense, "conv_impl": sim.conv_impl, "client_steps": client_steps,
+        "steps_per_client": steps, "dim": plan.dim,
+    }
+    eng = _time(lambda: sim.run_rounds(state, data, 1, r0)[0].global_flat, args.repeats)
+    res["engine"] = eng
+
+    variables = sim.flat.unravel(state.global_flat)
+    keys = jax.random.split(jax.random.key(1), k)
+    attack_on = jnp.asarray(True)
+
+    def task(i):
+        return ClientTask(data.idx[i], data.sizes[i], data.malicious[i], data.rank[i], keys[i])
+
+    teacher = variables  # SPMC: round-0 teachers are the global model
+    local = jax.jit(sim.local_train)
+    vm = jax.jit(jax.vmap(sim.local_train, in_axes=(None, None, None, 0, None)))
+    all_tasks = task(jnp.arange(k))
+    res["vmap"] = _time(lambda: vm(variables, teacher, data.train, all_tasks, attack_on).loss,
+                        args.repeats)
+    n_seq = min(k, args.seq_max)
+    tasks = [jax.tree.map(lambda a: a[i], all_tasks) for i in range(n_seq)]
+
+    def seq():
+        out = None
+        for t in tasks:
+            out = local(variables, teacher, data.train, t, attack_on).loss
+            out.block_until_ready()
+        return out
+
+    s = _time(seq, max(1, args.repeats))
+    scale = k / n_seq
+    res["sequential"] = {
+        "first_call_s": s["first_call_s"], "wall_s": s["wall_s"] * scale,
+        "cpu_s": s["cpu_s"] * scale, "measured_clients": n_seq,
+    }
+    for name in ("engine", "vmap", "sequential"):
+        d = res[name]
+        d["client_steps_per_s"] = client_steps / d["wall_s"]
+    res["ratio_engine_vs_sequential_wall"] = res["sequential"]["wall_s"] / eng["wall_s"]
+    res["ratio_engine_vs_sequential_cpu"] = res["sequential"]["cpu_s"] / eng["cpu_s"]
+    res["ratio_vmap_vs_sequential_wall"] = res["sequential"]["wall_s"] / res["vmap"]["wall_s"]
+    return res
+
+
+def environment() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": dev.device_kind,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--defense", nargs="+", default=["fedavg", "spmc"])
+    p.add_argument("--conv-impl", nargs="+", default=["auto"])
+    p.add_argument("--samples", type=int, default=128, help="images per client")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--client-chunk", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seq-max", type=int, default=100,
+                   help="time the sequential loop on at most this many clients, scale linearly")
+    p.add_argument("--quick", action="store_true", help="K in {10, 100}, fedavg only, 1 repeat")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.defense, args.repeats, args.seq_max = [10, 100], ["fedavg"], 1, 20
+    env = environment()
+    print(f"jax {env['jax']} on {env['backend']}: {env['devices']} ({env['device_kind']}), "
+          f"{env['cpu_count']} CPUs, load {env['loadavg']}")
+    print(f"config: SimpleCNN, synthetic MNIST-kind data, {args.samples} images/client, batch "
+          f"{args.batch_size}, {args.local_epochs} local epoch(s), client_chunk {args.client_chunk}")
+    rows = []
+    hdr = (f"{'K':>6} {'defense':>7} {'conv':>7} {'steps':>7} | {'engine s':>9} {'steps/s':>9} | "
+           f"{'vmap s':>8} | {'seq s':>8} {'steps/s':>8} | {'x wall':>6} {'x cpu':>6} | compile s")
+    print(hdr)
+    for impl in args.conv_impl:
+        for defense in args.defense:
+            for k in args.clients:
+                r = bench_cell(k, defense, impl, args)
+                rows.append(r)
+                e, s, v = r["engine"], r["sequential"], r["vmap"]
+                print(f"{k:>6} {defense:>7} {r['conv_impl']:>7} {r['client_steps']:>7} | "
+                      f"{e['wall_s']:>9.3f} {e['client_steps_per_s']:>9.1f} | {v['wall_s']:>8.3f} | "
+                      f"{s['wall_s']:>8.3f} {s['client_steps_per_s']:>8.1f} | "
+                      f"{r['ratio_engine_vs_sequential_wall']:>6.2f} "
+                      f"{r['ratio_engine_vs_sequential_cpu']:>6.2f} | "
+                      f"{e['first_call_s'] - e['wall_s']:.1f}", flush=True)
+    print("x = sequential time / engine time (>1: the engine is faster); sequential measured on "
+          f"<= {args.seq_max} clients and scaled linearly to K.")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "args": vars(args), "rows": rows}, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

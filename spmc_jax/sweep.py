@@ -1,0 +1,1121 @@
+"""`python -m spmc_jax.sweep`: run a grid of federations and render the paper's Table 2.
+
+A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol), each a full
+`spmc_jax.engine.run`. Outputs in `--out DIR`:
+
+  results.jsonl  one tidy row per (cell, round): dataset, defense, gamma, seed, protocol,
+                 attack, round, A, R, R_excl_target, V, seconds, attacker_weight, …
+  table.md       last-5-round means in the paper's layout (one table per γ, methods as rows,
+                 datasets as columns, "A / R / V", ↑/↓ against FedAvg, best V in bold), the
+                 published numbers on the line under each method, and a per-cell timing table
+  curves.png     the paper's Figure 6 layout: A and R per round for every defense, per γ
+  sweep.json     the grid, the base configuration, the environment and per-cell timings
+  cells/<id>.jsonl, cells/<id>.json
+                 a cell's rows and, written atomically once it finished, its summary: the
+                 summary is the "done" marker, so a restarted sweep skips finished cells and
+                 reruns a killed one from scratch (results.jsonl is rebuilt from finished
+                 cells only, so it never holds duplicate or partial rows)
+  .jax_cache/    JAX's persistent compilation cache: cells whose programs are identical (same
+                 shapes and static configuration, e.g. FedAvg at γ 0.2 and 0.3) and resumed or
+                 repeated sweeps load the compiled program instead of recompiling it
+
+Presets are data (`PRESETS`): a grid plus `Config` overrides; command-line flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.resources
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+from spmc_jax.config import DATASETS, MODELS, PROTOCOLS, Config
+from spmc_jax.data.types import Dataset
+
+# The paper's Table 2: rows (methods) and columns (datasets) in its order.
+PAPER_DEFENSES = (
+    "fedavg", "dnc", "sageflow", "bulyan", "rfa", "rlr", "crfl", "foolsgold", "rsa",
+    "finetuning", "spmc",
+)  # fmt: skip
+PAPER_DATASETS = ("fashion_mnist", "cifar10", "mnist")
+PAPER_GAMMAS = (0.2, 0.3)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "table2": {
+        "description": "the paper's Table 2 grid: 11 methods x 3 datasets x gamma 0.2/0.3, "
+        "50 rounds, full data, attack 'base', seed 0",
+        "grid": {
+            "datasets": PAPER_DATASETS,
+            "defenses": PAPER_DEFENSES,
+            "gammas": PAPER_GAMMAS,
+            "seeds": (0,),
+        },
+        "config": {"rounds": 50, "attack": "base", "subsample": None},
+        "test_subsample": None,
+    },
+    "smoke": {
+        "description": "a CPU-sized check of the whole pipeline (a few minutes on 2 cores): "
+        "FedAvg and SPMC on a 2,000-image MNIST slice, 6 clients, 2 rounds, 1 local epoch, "
+        "2,000 test images",
+        "grid": {
+            "datasets": ("mnist",),
+            "defenses": ("fedavg", "spmc"),
+            "gammas": (0.2,),
+            "seeds": (0,),
+        },
+        "config": {"rounds": 2, "subsample": 2000, "clients": 6, "local_epochs": 1},
+        # Evaluating on all 10,000 test images (clean + triggered) costs more CPU per round
+        # than the 2-round training itself; the header of table.md says the test set is cut.
+        "test_subsample": 2000,
+    },
+}
+
+# Config fields that may differ between a finished cell and its rerun without changing results.
+_IRRELEVANT_FIELDS = ("out", "data_dir", "fetch")
+
+
+class DatasetLoader(Protocol):
+    """`loader(name, data_dir=..., fetch=...) -> Dataset` (the hook tests replace)."""
+
+    def __call__(self, name: str, *, data_dir: str | None, fetch: bool) -> Dataset: ...
+
+
+# ----------------------------------------------------------------------------- the grid
+class Cell(NamedTuple):
+    """One point of the grid; `id` names its files."""
+
+    dataset: str
+    defense: str
+    gamma: float
+    seed: int
+    protocol: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}-{self.defense}-g{self.gamma:g}-s{self.seed}-{self.protocol}"
+
+
+def _dedupe(xs: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(dict.fromkeys(xs))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A grid of cells and the configuration every cell shares.
+
+    Attributes:
+      preset: the preset it came from (for the record).
+      datasets, defenses, gammas, seeds: the grid axes (cells are their product).
+      protocol: 'paper' or 'fair' (see `Config`), shared by every cell.
+      base: the shared `Config`; each cell replaces dataset, defense, gamma, seed, protocol.
+      test_subsample: evaluate on a class-stratified subset of this many test images
+        (None: the full test set).
+    """
+
+    preset: str
+    datasets: tuple[str, ...]
+    defenses: tuple[str, ...]
+    gammas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    protocol: str
+    base: Config
+    test_subsample: int | None = None
+
+    def cells(self) -> list[Cell]:
+        """Every cell, dataset-major (one dataset load serves all its cells)."""
+        return [
+            Cell(d, f, g, s, self.protocol)
+            for d in self.datasets
+            for f in self.defenses
+            for g in self.gammas
+            for s in self.seeds
+        ]
+
+    def config(self, cell: Cell) -> Config:
+        return self.base.replace(
+            dataset=cell.dataset,
+            defense=cell.defense,
+            gamma=cell.gamma,
+            seed=cell.seed,
+            protocol=cell.protocol,
+            out=None,
+        )
+
+    def validate(self) -> SweepSpec:
+        """Validate every cell's Config before any compute (ValueError names bad values)."""
+        for axis in ("datasets", "defenses", "gammas", "seeds"):
+            if not getattr(self, axis):
+                raise ValueError(f"--{axis} is empty; give at least one value")
+        if self.test_subsample is not None and self.test_subsample < 10:
+            raise ValueError(f"--test-subsample must be >= 10, got {self.test_subsample}")
+        for cell in self.cells():
+            self.config(cell).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "grid": {
+                "datasets": list(self.datasets),
+                "defenses": list(self.defenses),
+                "gammas": list(self.gammas),
+                "seeds": list(self.seeds),
+                "protocol": self.protocol,
+            },
+            "test_subsample": self.test_subsample,
+            "base_config": self.base.to_dict(),
+            "cells": [c.id for c in self.cells()],
+        }
+
+
+def make_spec(
+    preset: str,
+    *,
+    datasets: Sequence[str] | None = None,
+    defenses: Sequence[str] | None = None,
+    gammas: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    protocol: str | None = None,
+    test_subsample: int | str | None = "preset",
+    **config: Any,
+) -> SweepSpec:
+    """Build a `SweepSpec` from a preset; arguments that are not None override it.
+
+    Args:
+      preset: a key of `PRESETS`.
+      datasets, defenses, gammas, seeds: grid axes (duplicates dropped, order kept).
+      protocol: 'paper' or 'fair' (default 'paper').
+      test_subsample: test images to evaluate on; None = all; "preset" = the preset's value.
+      **config: `Config` field overrides (a value of None keeps the preset's), except
+        `subsample`, which is always applied when given ("full" → None).
+
+    Raises:
+      ValueError: unknown preset or Config field (naming the accepted ones).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    overrides = dict(p["config"])
+    for key, value in config.items():
+        if key not in fields:
+            raise ValueError(f"unknown Config field {key!r}; accepted: {', '.join(sorted(fields))}")
+        if key == "subsample" and value is not None:
+            overrides[key] = None if value == "full" else value
+        elif value is not None:
+            overrides[key] = value
+    grid = p["grid"]
+    return SweepSpec(
+        preset=preset,
+        datasets=_dedupe(datasets or grid["datasets"]),
+        defenses=_dedupe(defenses or grid["defenses"]),
+        gammas=_dedupe(float(g) for g in (gammas or grid["gammas"])),
+        seeds=_dedupe(int(s) for s in (seeds if seeds is not None else grid["seeds"])),
+        protocol=protocol or "paper",
+        base=Config(**overrides),
+        test_subsample=p["test_subsample"] if test_subsample == "preset" else test_subsample,
+    )
+
+
+def _config_key(cfg: Config, test_subsample: int | None) -> dict[str, Any]:
+    """What must match for a finished cell to count as this cell's result."""
+    d = cfg.to_dict()
+    for k in _IRRELEVANT_FIELDS:
+        d.pop(k, None)
+    d["test_subsample"] = test_subsample
+    return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to a reloaded one
+
+
+# ----------------------------------------------------------------------------- published data
+def load_published() -> dict[str, Any]:
+    """The paper's Table 2 as data (spmc_jax/resources/paper_results.json).
+
+    Returns the JSON document; `rows` holds one dict per (gamma, method, dataset) with A, R, V.
+    """
+    text = (
+        importlib.resources.files("spmc_jax")
+        .joinpath("resources/paper_results.json")
+        .read_text(encoding="utf-8")
+    )
+    return json.loads(text)
+
+
+def published_lookup(doc: dict[str, Any]) -> dict[tuple[float, str, str], dict[str, float]]:
+    """(gamma, method, dataset) -> {"A", "R", "V"}."""
+    return {
+        (float(r["gamma"]), r["method"], r["dataset"]): {k: r[k] for k in ("A", "R", "V")}
+        for r in doc["rows"]
+    }
+
+
+# ----------------------------------------------------------------------------- files
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file + rename, so a kill never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _cell_paths(out: Path, cell: Cell) -> tuple[Path, Path]:
+    d = out / "cells"
+    return d / f"{cell.id}.jsonl", d / f"{cell.id}.json"
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def load_finished(out: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """Summaries of the grid's finished cells in `out` (cell id -> summary).
+
+    A cell is finished when its summary exists, parses, and its rows file holds the number
+    of rows the summary records; anything else (a killed cell) is rerun from scratch.
+
+    Raises:
+      ValueError: a finished cell was run with a different configuration (rounds, attack,
+        subsample, …): reusing it would mix two experiments in one table.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    for cell in spec.cells():
+        rows_path, summary_path = _cell_paths(out, cell)
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            complete = len(_read_rows(rows_path)) == summary["rows"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not complete:
+            continue
+        want = _config_key(spec.config(cell), spec.test_subsample)
+        have = summary.get("config_key")
+        if have != want:
+            have = have or {}
+            diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+            shown = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
+            raise ValueError(
+                f"{summary_path} was run with another configuration ({shown}); use a new --out "
+                f"or delete {out / 'cells'} to rerun"
+            )
+        done[cell.id] = summary
+    return done
+
+
+def rebuild_results(out: Path, spec: SweepSpec, done: dict[str, dict[str, Any]]) -> list[dict]:
+    """Rewrite results.jsonl from the finished cells, in grid order; returns the rows."""
+    rows: list[dict[str, Any]] = []
+    for cell in spec.cells():
+        if cell.id in done:
+            rows.extend(_read_rows(_cell_paths(out, cell)[0]))
+    _write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------- compile meter
+class _CompileMeter:
+    """Sums JAX's compile-time monitoring events (`jax.monitoring`) between snapshots."""
+
+    EVENTS: ClassVar[dict[str, str]] = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+        # Includes the persistent-cache lookup: on a hit this is the load time.
+        "/jax/core/compile/backend_compile_duration": "backend_compile_s",
+        "/jax/compilation_cache/compile_time_saved_sec": "compile_saved_s",
+    }
+    COUNTS: ClassVar[dict[str, str]] = {
+        "/jax/compilation_cache/cache_hits": "cache_hits",
+        "/jax/compilation_cache/cache_misses": "cache_misses",
+        "/jax/compilation_cache/compile_requests_use_cache": "cache_requests",
+    }
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = dict.fromkeys(
+            [*self.EVENTS.values(), *self.COUNTS.values()], 0.0
+        )
+
+    def _duration(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.totals[self.EVENTS[event]] += duration
+
+    def _event(self, event: str, **_: Any) -> None:
+        if event in self.COUNTS:
+            self.totals[self.COUNTS[event]] += 1
+
+    def __enter__(self) -> _CompileMeter:
+        import jax.monitoring as mon
+
+        mon.register_event_duration_secs_listener(self._duration)
+        mon.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import jax.monitoring as mon
+
+        mon.unregister_event_duration_listener(self._duration)
+        mon.unregister_event_listener(self._event)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.totals)
+
+    @staticmethod
+    def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+        return {k: round(after[k] - before[k], 3) for k in after}
+
+
+def enable_jax_cache(path: Path) -> str:
+    """Turn on JAX's persistent compilation cache in `path` (if none is configured yet).
+
+    The thresholds are lowered to zero so that every program is cached: the round and the
+    evaluator dominate, but the many small programs (init, resize, PRNG) add up on CPU.
+    JAX initialises the cache at the process's first compilation, so this only takes effect
+    when called before it (true for the CLI); `sweep.json` records whether it was used.
+
+    Returns the cache directory in effect.
+    """
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:  # the user's own (e.g. JAX_COMPILATION_CACHE_DIR) wins
+        return str(current)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- running
+def _test_subset(ds: Dataset, n: int | None) -> Dataset:
+    """The dataset with a class-stratified subset of `n` test images (seed 0, all cells)."""
+    if n is None or n >= len(ds.y_test):
+        return ds
+    from spmc_jax.data.partition import stratified_subsample
+
+    idx = stratified_subsample(ds.y_test, n, seed=0)
+    return dataclasses.replace(ds, x_test=ds.x_test[idx], y_test=ds.y_test[idx])
+
+
+def _default_loader(log: Callable[[str], object]) -> DatasetLoader:
+    def load(name: str, *, data_dir: str | None, fetch: bool) -> Dataset:
+        from spmc_jax.data import load_dataset
+
+        return load_dataset(name, data_dir=data_dir, fetch=fetch, log=log)
+
+    return load
+
+
+def _fmt(v: float | None, w: int = 6) -> str:
+    # `+ 0.0` turns the -0.0 of a tiny negative (R = 100 - 100.000001) into 0.0.
+    return f"{round(v, 2) + 0.0:{w}.2f}" if v is not None else " " * (w - 1) + "–"
+
+
+def tidy_row(cell: Cell, cfg: Config, h: dict[str, Any]) -> dict[str, Any]:
+    """One results.jsonl row from an engine history row."""
+    return {
+        "cell": cell.id,
+        "dataset": cell.dataset,
+        "defense": cell.defense,
+        "gamma": cell.gamma,
+        "seed": cell.seed,
+        "protocol": cell.protocol,
+        "attack": cfg.attack,
+        "local_epochs": cfg.epochs,
+        "round": h["round"],
+        "A": h["A"],
+        "R": h["R"],
+        "R_excl_target": h["R_excl_target"],
+        "V": h["V"],
+        "seconds": h["seconds"],
+        "attacker_weight": h["attacker_weight"],
+        "nonfinite": h.get("nonfinite", 0),
+    }
+
+
+def run_cell(
+    cell: Cell,
+    cfg: Config,
+    ds: Dataset,
+    out: Path,
+    *,
+    meter: _CompileMeter,
+    n_train_full: int,
+    n_test_full: int,
+    test_subsample: int | None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], object] = print,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train one cell, streaming its rows to cells/<id>.jsonl, then write its summary.
+
+    Returns the summary (also written atomically to cells/<id>.json, the "done" marker).
+    """
+    from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
+    from spmc_jax.metrics import last_k_means
+
+    rows_path, summary_path = _cell_paths(out, cell)
+    t0, c0, m0 = time.perf_counter(), time.process_time(), meter.snapshot()
+    plan = make_plan(cfg, ds)
+    avail = device_memory_bytes()
+    est = plan.memory["total"]
+    if avail and est > 0.9 * avail:
+        raise ValueError(
+            f"cell {cell.id}: estimated memory {est / 2**30:.1f} GiB exceeds the device's "
+            f"{avail / 2**30:.1f} GiB; set client_chunk (--client-chunk in spmc_jax.train)"
+        )
+    sim = Simulation(cfg, ds, plan)
+    build_s = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    # "w": a killed earlier attempt's partial rows are discarded.
+    with rows_path.open("w", encoding="utf-8") as fh:
+
+        def on_round(h: dict[str, Any]) -> None:
+            row = tidy_row(cell, cfg, h)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if not quiet and row["A"] is not None:
+                log(
+                    f"    round {row['round'] + 1:>3}/{cfg.rounds}  A {_fmt(row['A'])}  "
+                    f"R {_fmt(row['R'])}  V {_fmt(row['V'])}  "
+                    f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s"
+                )
+
+        result = run(cfg, ds, on_round=on_round, sim=sim)
+        fh.flush()
+        os.fsync(fh.fileno())
+    hist = result.history
+    later = [h["seconds"] for h in hist[1:]]
+    summary = {
+        "cell": cell.id,
+        **cell._asdict(),
+        "attack": cfg.attack,
+        "local_epochs": plan.epochs,
+        "rows": len(rows),
+        "last5": last_k_means(hist),
+        "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
+        "r_trigger": sim.r_trigger,
+        "conv_impl": sim.conv_impl,
+        "data": {
+            "name": plan.dataset,
+            "source": plan.dataset_source,
+            "n_train_full": n_train_full,
+            "n_train": plan.n_train,
+            "n_test_full": n_test_full,
+            "n_test": plan.n_test,
+            "test_subsample": test_subsample,
+        },
+        "plan": {
+            "num_params": plan.num_params,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "malicious_ids": [int(i) for i in plan.malicious.nonzero()[0]],
+            "memory_estimate_bytes": est,
+        },
+        "timing": {
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "cpu_s": round(time.process_time() - c0, 3),
+            "build_s": round(build_s, 3),
+            # The first round's block includes compiling the round and the evaluator.
+            "first_round_s": round(hist[0]["seconds"], 3),
+            "later_round_s": round(sum(later) / len(later), 3) if later else None,
+            **_CompileMeter.delta(meter.snapshot(), m0),
+        },
+        "config": cfg.to_dict(),
+        "config_key": _config_key(cfg, test_subsample),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    _write_atomic(summary_path, json.dumps(summary, indent=1))
+    return summary
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What `run_sweep` did: cell ids it ran and skipped, and every finished cell's summary."""
+
+    out: Path
+    ran: list[str]
+    skipped: list[str]
+    summaries: dict[str, dict[str, Any]]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | os.PathLike,
+    *,
+    dataset_loader: DatasetLoader | None = None,
+    jax_cache: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], object] = print,
+    quiet: bool = False,
+) -> SweepResult:
+    """Run every unfinished cell of `spec` into `out`, then render the table and figure.
+
+    Args:
+      spec: the grid (validated here before any compute).
+      out: output directory (created; an existing one is resumed).
+      dataset_loader: `loader(name, data_dir=, fetch=) -> Dataset`, called once per dataset
+        that has unfinished cells (default: `spmc_jax.data.load_dataset`).
+      jax_cache: enable JAX's persistent compilation cache in `out/.jax_cache`.
+      on_row: called with every results row as it is produced.
+      log: progress printer.
+      quiet: no per-round lines.
+    """
+    from spmc_jax.runinfo import environment
+
+    spec.validate()
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    cache_dir = enable_jax_cache(out / ".jax_cache") if jax_cache else None
+    done = load_finished(out, spec)
+    loader = dataset_loader or _default_loader(log)
+    cells = spec.cells()
+    todo = [c for c in cells if c.id not in done]
+    skipped = [c.id for c in cells if c.id in done]
+    env = environment()
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record = {
+        **spec.to_dict(),
+        "environment": env,
+        "started_at": started,
+        "jax_cache_dir": cache_dir,
+        "status": "running",
+    }
+    _write_atomic(out / "sweep.json", json.dumps(record, indent=1))
+    log(
+        f"sweep {spec.preset} ({spec.protocol} protocol): {len(cells)} cells, "
+        f"{len(skipped)} already finished, {len(todo)} to run -> {out}"
+    )
+    ran: list[str] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    with _CompileMeter() as meter:
+        for name in spec.datasets:
+            pending = [c for c in todo if c.dataset == name]
+            if not pending:
+                continue
+            t_load = time.perf_counter()
+            raw = loader(name, data_dir=spec.base.data_dir, fetch=spec.base.fetch)
+            ds = _test_subset(raw, spec.test_subsample)
+            log(
+                f"{name}: {len(raw.y_train):,} train / {len(raw.y_test):,} test images "
+                f"({raw.source}) loaded in {time.perf_counter() - t_load:.1f} s"
+            )
+            for cell in pending:
+                cfg = spec.config(cell)
+                k = cells.index(cell) + 1
+                log(
+                    f"[{k}/{len(cells)}] {cell.id}: {cfg.epochs} local epoch(s), "
+                    f"{cfg.rounds} rounds"
+                )
+                summary = run_cell(
+                    cell,
+                    cfg,
+                    ds,
+                    out,
+                    meter=meter,
+                    n_train_full=len(raw.y_train),
+                    n_test_full=len(raw.y_test),
+                    test_subsample=spec.test_subsample,
+                    on_row=on_row,
+                    log=log,
+                    quiet=quiet,
+                )
+                done[cell.id] = summary
+                ran.append(cell.id)
+                t = summary["timing"]
+                m = summary["last5"]
+                log(
+                    f"    done in {t['wall_s']:.1f} s (CPU {t['cpu_s']:.1f} s; compile "
+                    f"{t['backend_compile_s']:.1f} s, trace+lower "
+                    f"{t['trace_s'] + t['lower_s']:.1f} s, cache hits {t['cache_hits']:.0f}): "
+                    f"A {_fmt(m['A'])}  R {_fmt(m['R'])}  V {_fmt(m['V'])}"
+                )
+                # Keep results.jsonl and table.md current, so a long sweep can be read mid-way.
+                rebuild_results(out, spec, done)
+                write_table(out, spec, done, env)
+            del raw, ds
+        cache_used = meter.totals["cache_requests"] > 0
+    rows = rebuild_results(out, spec, done)
+    write_table(out, spec, done, env)
+    plot_sweep_curves(rows, out / "curves.png", spec)
+    record.update(
+        status="finished",
+        finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        ran=ran,
+        skipped=skipped,
+        jax_cache_used=cache_used if ran else None,
+        wall_s=round(time.perf_counter() - t0, 3),
+        cpu_s=round(time.process_time() - c0, 3),
+        cell_timing={cid: done[cid]["timing"] for cid in (c.id for c in cells) if cid in done},
+    )
+    _write_atomic(out / "sweep.json", json.dumps(record, indent=1))
+    log(
+        f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'curves.png'}, "
+        f"{out / 'sweep.json'} ({record['wall_s']:.1f} s, CPU {record['cpu_s']:.1f} s)"
+    )
+    return SweepResult(out, ran, skipped, done)
+
+
+# ----------------------------------------------------------------------------- table
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _row_order(defenses: Sequence[str]) -> list[str]:
+    """The paper's methods in its order, then any other defense in grid order."""
+    return [d for d in PAPER_DEFENSES if d in defenses] + [
+        d for d in defenses if d not in PAPER_DEFENSES
+    ]
+
+
+def _col_order(datasets: Sequence[str]) -> list[str]:
+    return [d for d in PAPER_DATASETS if d in datasets] + [
+        d for d in datasets if d not in PAPER_DATASETS
+    ]
+
+
+def _arrow(v: float | None, ref: float | None) -> str:
+    """↑/↓ when `v` differs from the FedAvg value `ref` at the table's 2-decimal precision."""
+    if v is None or ref is None or round(v, 2) == round(ref, 2):
+        return ""
+    return "↑" if v > ref else "↓"
+
+
+def _cell_text(
+    m: dict[str, float | None] | None, ref: dict[str, float | None] | None, bold_v: bool
+) -> str:
+    if m is None:
+        return "–"
+    parts = []
+    for key in ("A", "R", "V"):
+        v = m.get(key)
+        s = _fmt(v, 0)
+        if key == "V" and bold_v and v is not None:
+            s = f"**{s}**"
+        parts.append(s + (_arrow(v, ref.get(key)) if ref is not None else ""))
+    return " / ".join(parts)
+
+
+def _best(values: dict[str, float | None]) -> set[str]:
+    vals = {k: round(v, 2) for k, v in values.items() if v is not None}
+    if not vals:
+        return set()
+    top = max(vals.values())
+    return {k for k, v in vals.items() if v == top}
+
+
+def _data_lines(spec: SweepSpec, summaries: list[dict[str, Any]]) -> list[str]:
+    from spmc_jax.data.sources import CIFAR10_JPEG_LABEL
+
+    lines = []
+    for name in _col_order(spec.datasets):
+        s = next((x for x in summaries if x["dataset"] == name), None)
+        if s is None:
+            continue
+        d = s["data"]
+        train = (
+            f"{d['n_train']:,} train images (stratified subsample of {d['n_train_full']:,})"
+            if d["n_train"] < d["n_train_full"]
+            else f"full train set ({d['n_train']:,})"
+        )
+        test = (
+            f"{d['n_test']:,} test images (stratified subsample of {d['n_test_full']:,})"
+            if d["n_test"] < d["n_test_full"]
+            else f"full test set ({d['n_test']:,})"
+        )
+        label = f"{CIFAR10_JPEG_LABEL}, " if CIFAR10_JPEG_LABEL in d["source"] else ""
+        lines.append(f"  - {_dataset_name(name)}: {label}{train}, {test}; source `{d['source']}`")
+    return lines
+
+
+_DATASET_NAMES = {"fashion_mnist": "FashionMNIST", "cifar10": "CIFAR-10", "mnist": "MNIST"}
+
+
+def _dataset_name(name: str) -> str:
+    return _DATASET_NAMES.get(name, name)
+
+
+def render_table(
+    spec: SweepSpec,
+    summaries: dict[str, dict[str, Any]],
+    env: dict[str, Any],
+    published: dict[str, Any] | None = None,
+) -> str:
+    """table.md: the paper's Table 2 layout for this sweep, the published numbers under it.
+
+    Per γ one table: rows = methods (paper order), columns = datasets (paper order), each
+    cell "A / R / V" as last-5-round means (averaged over seeds), ↑/↓ against FedAvg in the
+    same column, the best V per column in bold; under each method, in italics, the
+    published numbers rendered the same way (arrows against the published FedAvg).
+    """
+    published = published or load_published()
+    pub = published_lookup(published)
+    names = published.get("method_names", {})
+    order = {c.id: i for i, c in enumerate(spec.cells())}
+    done = sorted(
+        (s for s in summaries.values() if s["cell"] in order), key=lambda s: order[s["cell"]]
+    )
+    cfg = spec.base.replace(protocol=spec.protocol)
+    epochs = ", ".join(
+        f"{names.get(d, d)} {cfg.replace(defense=d).epochs}" for d in _row_order(spec.defenses)
+    )
+    if spec.protocol == "paper":
+        proto = "paper (as the reference ran Table 2: baselines 1 local epoch, SPMC 10)"
+    else:
+        proto = "fair (every method the same number of local epochs)"
+    if spec.base.local_epochs is not None:
+        proto += f"; overridden: every method {spec.base.local_epochs} local epoch(s)"
+    pk = env.get("packages", {})
+    pkgs = ", ".join(f"{k} {v}" for k, v in pk.items() if v)
+    dev = env.get("device", {})
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    b = spec.base
+    lines = [
+        f"# SPMC sweep `{spec.preset}`: Table 2 layout",
+        "",
+        f"- protocol: **{proto}**; local epochs run: {epochs}",
+        f"- rounds: {b.rounds}; A, R, V = means over the last 5 evaluated rounds"
+        + (f" (mean over seeds {seeds})" if len(spec.seeds) > 1 else ""),
+        f"- attack: `{b.attack}`; γ: {', '.join(f'{g:g}' for g in spec.gammas)}; clients: "
+        f"{b.clients} ({b.n_per_round}/round), {b.partition} partition (β {b.beta:g}); "
+        f"seeds: {seeds}",
+        "- data: "
+        + ("full" if b.subsample is None else f"subsample {b.subsample:,}")
+        + " train, "
+        + ("full" if spec.test_subsample is None else f"subsample {spec.test_subsample:,}")
+        + " test",
+        *_data_lines(spec, done),
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"device: {dev.get('backend', '?')} ({dev.get('device_kind', '?')} × "
+        f"{dev.get('device_count', '?')}); git {env.get('git_commit')}",
+        f"- packages: {pkgs}; python {env.get('python')}",
+        f"- cells finished: {len(done)} of {len(spec.cells())}",
+        "",
+        "Each cell: A / R / V (%). ↑/↓: higher/lower than FedAvg in the same column. "
+        "**Bold**: best V in the column. R = 100 − attack success rate on all triggered test "
+        "images (the reference's definition, target class included; `R_excl_target` in "
+        "results.jsonl excludes it). The *published* line under each method is the paper's "
+        f"{published.get('table', 'Table 2')} ({published.get('reporting', '')}).",
+    ]
+    cols = _col_order(spec.datasets)
+    rows = _row_order(spec.defenses)
+    for g in spec.gammas:
+        ours: dict[tuple[str, str], dict[str, float | None]] = {}
+        for d in rows:
+            for ds in cols:
+                group = [
+                    s["last5"]
+                    for s in done
+                    if s["defense"] == d and s["dataset"] == ds and s["gamma"] == g
+                ]
+                if group:
+                    ours[d, ds] = {k: _mean(m[k] for m in group) for k in ("A", "R", "V")}
+        theirs = {(d, ds): pub[g, d, ds] for d in rows for ds in cols if (g, d, ds) in pub}
+        best_ours = {
+            ds: _best({d: ours[d, ds]["V"] for d in rows if (d, ds) in ours}) for ds in cols
+        }
+        best_pub = {
+            ds: _best({d: theirs[d, ds]["V"] for d in rows if (d, ds) in theirs}) for ds in cols
+        }
+        lines += [
+            "",
+            f"## γ = {g:g}",
+            "",
+            "| method | " + " | ".join(_dataset_name(c) for c in cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
+        for d in rows:
+            cells = [
+                _cell_text(
+                    ours.get((d, ds)),
+                    None if d == "fedavg" else ours.get(("fedavg", ds)),
+                    d in best_ours[ds],
+                )
+                for ds in cols
+            ]
+            lines.append(f"| {names.get(d, d)} | " + " | ".join(cells) + " |")
+            if any((d, ds) in theirs for ds in cols):
+                pcells = []
+                for ds in cols:
+                    t = _cell_text(
+                        theirs.get((d, ds)),
+                        None if d == "fedavg" else theirs.get(("fedavg", ds)),
+                        d in best_pub[ds],
+                    )
+                    pcells.append("–" if t == "–" else f"*{t}*")
+                lines.append("| *published* | " + " | ".join(pcells) + " |")
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "| cell | local epochs | R excl. target | attackers' weight | wall s | CPU s | "
+        "compile s | trace+lower s | cache hits | s/round after the first |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in done:
+        t = s["timing"]
+        later = "–" if t.get("later_round_s") is None else f"{t['later_round_s']:.2f}"
+        r_excl = _fmt(s["last5"]["R_excl_target"], 1).strip()
+        lines.append(
+            f"| {s['cell']} | {s['local_epochs']} | {r_excl} | "
+            f"{s['mean_attacker_weight']:.3f} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} | "
+            f"{t['backend_compile_s']:.1f} | {t['trace_s'] + t['lower_s']:.1f} | "
+            f"{t['cache_hits']:.0f} | {later} |"
+        )
+    if published.get("inconsistencies"):
+        lines += [
+            "",
+            "Published rows where V ≠ (A + R)/2 in the paper itself: "
+            + "; ".join(published["inconsistencies"])
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    out: Path, spec: SweepSpec, done: dict[str, dict[str, Any]], env: dict[str, Any]
+) -> None:
+    _write_atomic(out / "table.md", render_table(spec, done, env))
+
+
+# ----------------------------------------------------------------------------- figure
+def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -> str | None:
+    """The paper's Figure 6 layout: per γ, A per round and R per round, one line per defense.
+
+    The dataset is CIFAR-10 when the grid has it (as in the paper), else the grid's first
+    dataset; values are averaged over seeds. Returns the dataset plotted (None: no rows).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    dataset = "cifar10" if "cifar10" in spec.datasets else spec.datasets[0]
+    rows = [r for r in rows if r["dataset"] == dataset and r["A"] is not None]
+    if not rows:
+        return None
+    names = load_published().get("method_names", {})
+    defenses = _row_order(spec.defenses)
+    fig, axes = plt.subplots(
+        1, 2 * len(spec.gammas), figsize=(4.2 * 2 * len(spec.gammas), 3.6), squeeze=False
+    )
+    colors = plt.get_cmap("tab20").colors
+    for gi, g in enumerate(spec.gammas):
+        for ki, key in enumerate(("A", "R")):
+            ax = axes[0, 2 * gi + ki]
+            for di, d in enumerate(defenses):
+                by_round: dict[int, list[float]] = {}
+                for r in rows:
+                    if r["defense"] == d and r["gamma"] == g and r[key] is not None:
+                        by_round.setdefault(r["round"], []).append(r[key])
+                if not by_round:
+                    continue
+                xs = sorted(by_round)
+                ys = [sum(by_round[x]) / len(by_round[x]) for x in xs]
+                spmc = d == "spmc"
+                ax.plot(
+                    [x + 1 for x in xs],
+                    ys,
+                    label=names.get(d, d),
+                    color="black" if spmc else colors[di % len(colors)],
+                    lw=2.2 if spmc else 1.2,
+                    marker="o" if len(xs) < 10 else None,
+                    ms=3,
+                    zorder=3 if spmc else 2,
+                )
+            ax.set_title(f"{key} per round, γ = {g:g}", fontsize=10)
+            ax.set_ylim(-3, 103)  # the paper's fixed 0-100 % scale, comparable across panels
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("round")
+            ax.set_ylabel(f"{key} (%)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(labels), 11), fontsize=8, frameon=False
+    )
+    fig.suptitle(
+        f"{_dataset_name(dataset)}, attack {spec.base.attack}, {spec.protocol} protocol",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return dataset
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spmc_jax.sweep",
+        description=(
+            "Run a grid of federations (datasets x defenses x gamma x seeds) and render the "
+            "SPMC paper's Table 2 layout with the published numbers side by side. Resumable: "
+            "rerunning with the same --out skips finished cells. Presets: "
+            + "; ".join(f"{k}: {v['description']}" for k, v in PRESETS.items())
+        ),
+    )
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--out", help="output directory (an existing one is resumed)")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        help=f"{'/'.join(PROTOCOLS)} (default paper): paper = SPMC 10 local epochs, "
+        "baselines 1 (as the reference ran Table 2); fair = every method 10",
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="NAME",
+        help=f"override the preset's datasets ({', '.join(DATASETS)})",
+    )
+    p.add_argument(
+        "--defenses",
+        nargs="+",
+        metavar="NAME",
+        help="override the preset's defenses ('python -m spmc_jax.train --defense "
+        "help' lists them)",
+    )
+    p.add_argument("--gammas", nargs="+", type=float, metavar="G", help="malicious ratios")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--subsample", help="N training images (stratified) or 'full'")
+    p.add_argument("--test-subsample", help="N test images (stratified) or 'full'")
+    p.add_argument("--clients", type=int, help="registered clients N")
+    p.add_argument(
+        "--local-epochs", type=int, help="local epochs for every method (overrides --protocol)"
+    )
+    p.add_argument("--attack", help="attack name(s) joined by '+'")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument(
+        "--no-fetch", action="store_true", help="fail instead of fetching a missing dataset"
+    )
+    p.add_argument(
+        "--no-jax-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache in OUT/.jax_cache",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the grid, list its cells (finished or not) and exit",
+    )
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    return p
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    """`--defenses a b,c` -> [a, b, c]."""
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def _count(flag: str, value: str | None) -> int | str | None:
+    """'full' -> None, digits -> int, absent -> 'keep'."""
+    if value is None:
+        return "keep"
+    if value.lower() in ("full", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{flag} expects an integer or 'full', got {value!r}") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> SweepSpec:
+    """The SweepSpec of parsed command-line arguments (validated)."""
+    if not args.preset:
+        raise ValueError(f"--preset is required; accepted: {', '.join(PRESETS)}")
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    sub = _count("--subsample", args.subsample)
+    test_sub = _count("--test-subsample", args.test_subsample)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir!r} is not a readable directory")
+    return make_spec(
+        args.preset,
+        datasets=_split(args.datasets),
+        defenses=_split(args.defenses),
+        gammas=args.gammas,
+        seeds=args.seeds,
+        protocol=args.protocol,
+        test_subsample="preset" if test_sub == "keep" else test_sub,
+        subsample=None if sub == "keep" else ("full" if sub is None else sub),
+        rounds=args.rounds,
+        clients=args.clients,
+        local_epochs=args.local_epochs,
+        attack=args.attack,
+        model=args.model,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        fetch=False if args.no_fetch else None,
+    ).validate()
+
+
+def list_presets() -> str:
+    lines = []
+    for name, p in PRESETS.items():
+        grid = ", ".join(f"{k}={','.join(str(x) for x in v)}" for k, v in p["grid"].items())
+        cfg = ", ".join(f"{k}={v}" for k, v in p["config"].items())
+        lines += [
+            f"{name}: {p['description']}",
+            f"  grid: {grid}",
+            f"  config: {cfg}; test_subsample={p['test_subsample']}",
+        ]
+    return "\n".join(lines)
+
+
+def main(
+    argv: list[str] | None = None,
+    dataset_loader: DatasetLoader | None = None,
+    jax_cache: bool = True,
+) -> int:
+    """The CLI. `dataset_loader` replaces the dataset loading (tests); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        print(list_presets())
+        return 0
+    from spmc_jax.data.sources import DatasetNotFoundError
+
+    try:
+        spec = spec_from_args(args)
+        out = Path(args.out)
+        if args.dry_run:
+            done = load_finished(out, spec) if out.is_dir() else {}
+            for c in spec.cells():
+                print(
+                    f"{'done' if c.id in done else 'todo'}  {c.id}  "
+                    f"({spec.config(c).epochs} local epochs)"
+                )
+            print(f"dry run: {len(spec.cells())} cells, {len(done)} finished")
+            return 0
+        run_sweep(
+            spec,
+            out,
+            dataset_loader=dataset_loader,
+            jax_cache=jax_cache and not args.no_jax_cache,
+            quiet=args.quiet,
+            log=lambda s: print(s, flush=True),
+        )
+    except (ValueError, DatasetNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
