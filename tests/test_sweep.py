@@ -240,6 +240,11 @@ def test_presets_and_overrides():
     fair = sweep.make_spec("table2", protocol="fair", defenses=["spmc", "fedavg", "spmc"])
     assert fair.defenses == ("spmc", "fedavg")  # duplicates dropped, order kept
     assert {fair.config(c).epochs for c in fair.cells()} == {10}
+    cifar = [c for c in spec.cells() if c.dataset == "cifar10"]
+    assert {spec.config(c).model for c in cifar} == {"resnet10"}  # the reference's config
+    assert spec.config(spec.cells()[0]).model == "simple_cnn"
+    forced = sweep.make_spec("table2", model="simple_cnn")  # a flag beats per-dataset values
+    assert {forced.config(c).model for c in forced.cells()} == {"simple_cnn"}
     smoke = sweep.make_spec("smoke", subsample="full", rounds=3).validate()
     assert smoke.base.subsample is None and smoke.base.rounds == 3
     assert smoke.base.clients == sweep.PRESETS["smoke"]["config"]["clients"]
@@ -260,10 +265,12 @@ def test_published_table_is_the_papers():
            if not math.isclose(x["V"], (x["A"] + x["R"]) / 2, abs_tol=0.0101)}  # fmt: skip
     assert off == {(0.2, "crfl", "cifar10"), (0.2, "crfl", "mnist"), (0.2, "spmc", "fashion_mnist")}
     assert len(doc["inconsistencies"]) == 3
-    # SPMC has the best V in every column (bold in the paper).
+    # The paper bolds SPMC everywhere; by the numbers, DnC's V is larger at gamma 0.2 on
+    # FashionMNIST and MNIST.
     for g in (0.2, 0.3):
         for d in sweep.PAPER_DATASETS:
-            assert max(sweep.PAPER_DEFENSES, key=lambda m: pub[g, m, d]["V"]) == "spmc"
+            best = max(sweep.PAPER_DEFENSES, key=lambda m: pub[g, m, d]["V"])
+            assert best == ("dnc" if g == 0.2 and d != "cifar10" else "spmc")
 
 
 def _summary(defense, dataset, gamma, seed, a, r, v=None):

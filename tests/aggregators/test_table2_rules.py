@@ -468,16 +468,19 @@ def test_foolsgold_matches_oracle_over_rounds(n, total, opts):
     g, _, _ = _data(n, 81)
     state = init(jnp.asarray(g))
     rng = np.random.default_rng(0)
-    sybil = rng.normal(size=D)
+    sybil, common = rng.normal(size=D), rng.normal(size=D)
+    big_n = env.n_registered
+    # Benign clients share `common` with client-specific strengths, so their cosines spread
+    # over (0, 1) and the pardoning and the logit's unsaturated range are exercised.
+    strength = np.linspace(0.0, 0.2, big_n)
     for t in range(3):
-        g_t, w, _ = _data(n, 90 + t)
-        w = g + (w - g_t)  # benign: independent random updates around the current g
-        w[-2:] = g + 0.2 * sybil + 0.01 * rng.normal(size=(2, D))  # two colluding sybils
-        w = w.astype(np.float32)
         # Benign rows: a random subset of the other registered ids, in random order; the
         # sybils are always registered ids N − 2, N − 1 (so their histories accumulate).
-        big_n = env.n_registered
         ids = np.concatenate([rng.permutation(big_n - 2)[: n - 2], [big_n - 2, big_n - 1]])
+        g_t, w, _ = _data(n, 90 + t)
+        w = g + (w - g_t) + strength[ids, None] * common  # benign: random + shared part
+        w[-2:] = g + 0.2 * sybil + 0.01 * rng.normal(size=(2, D))  # two colluding sybils
+        w = w.astype(np.float32)
         valid = _valid(n, t == 1 and n > 3)
         w = _neutralise(w, g, valid)
         out, state, info = aggregate(jnp.asarray(w), state, _ctx(g, n, t=t, valid=valid, ids=ids))
