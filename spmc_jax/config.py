@@ -18,14 +18,28 @@ CONV_IMPLS = ("auto", "lax", "patches")
 SPMC_SPACES = ("weights", "updates")
 ATTACKER_IDS = ("last", "random")
 
+# Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
+# by `--protocol paper`; `--protocol fair` runs every rule as its paper defines it. Explicit
+# `--defense-opt` values always win.
+PAPER_QUIRKS: dict[str, dict[str, bool]] = {
+    "sageflow": {"reference_bug": True},
+    "bulyan": {"reference_fixed_f": True, "reference_base_client0": True},
+    "foolsgold": {"reference_first_coords": True, "reference_permutation_bug": True},
+    "dnc": {"reference_permutation_bug": True},
+    "rlr": {"reference_permutation_bug": True},
+    "rsa": {"reference_sequential_clip": True, "reference_frozen_buffers": True},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every choice of a run. Defaults follow the reference protocol (spmc_reference.md §1).
 
     Protocol: `paper` trains SPMC clients for 10 local epochs and every baseline for 1 (the
-    reference's commented-out epoch loop, §1.4); `fair` trains every method for
-    `local_epochs` (default 10). An explicit `local_epochs` overrides both.
+    reference's commented-out epoch loop, §1.4) and switches on the reference quirks behind
+    Table 2's baseline rows (`PAPER_QUIRKS`); `fair` trains every method for `local_epochs`
+    (default 10) with every rule as its paper defines it. An explicit `local_epochs`
+    overrides both.
     """
 
     # data
@@ -41,7 +55,7 @@ class Config:
     clients: int = 10
     clients_per_round: int | None = None
     rounds: int = 50
-    protocol: str = "paper"
+    protocol: str = "fair"
     local_epochs: int | None = None
     batch_size: int = 64
     lr: float = 0.01
@@ -106,6 +120,20 @@ class Config:
             return 10 if self.defense == "spmc" else 1
         return 10
 
+    def defense_options(self) -> dict[str, Any]:
+        """The rule's options: protocol quirks (paper), SPMC flags, then explicit --defense-opt."""
+        opts: dict[str, Any] = {}
+        if self.protocol == "paper":
+            opts.update(PAPER_QUIRKS.get(self.defense, {}))
+        if self.defense == "spmc":
+            opts.update(
+                temperature=self.spmc_temperature,
+                space=self.spmc_space,
+                server_weighting=self.server_weighting,
+            )
+        opts.update(dict(self.defense_opts))
+        return opts
+
     @property
     def last_attack_round(self) -> int:
         return self.rounds - 1 if self.attack_end is None else self.attack_end
@@ -120,6 +148,7 @@ class Config:
             "num_malicious": self.num_malicious,
             "defense_assumed_malicious": self.defense_assumed_malicious,
             "clients_per_round": self.n_per_round,
+            "defense_options": self.defense_options(),
         }
         return d
 
@@ -207,7 +236,7 @@ class Config:
         from spmc_jax.registry import coerce_options
 
         spec = DEFENSES.get(self.defense)
-        coerce_options("defense", self.defense, spec.factory, dict(self.defense_opts))
+        coerce_options("defense", self.defense, spec.factory, self.defense_options())
         names = split_names(self.attack)
         for name, key, value in self.attack_opts:
             if name not in names:

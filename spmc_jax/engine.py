@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spmc_jax import sharding as sharding_lib
 from spmc_jax import spmc as spmc_lib
 from spmc_jax.aggregators import AggregatorEnv, RoundContext, get_aggregator
 from spmc_jax.aggregators.base import sanitize
@@ -68,6 +69,8 @@ class Plan:
     num_params: int
     dim: int
     memory: dict[str, float]
+    client_chunk: int | None = None  # clients trained at once (None: all m, vmapped)
+    shared_shards: bool = False  # cross-device mode: clients' samples overlap (see make_plan)
 
     def to_dict(self) -> dict[str, Any]:
         sizes = self.partition.sizes
@@ -96,6 +99,8 @@ class Plan:
             "num_params": self.num_params,
             "flat_dim": self.dim,
             "memory_estimate_bytes": self.memory,
+            "client_chunk": self.client_chunk,
+            "shared_shards": self.shared_shards,
         }
 
 
@@ -155,6 +160,51 @@ def estimate_memory(cfg: Config, dim: int, act_floats: int, n_train_pixels: int,
     }
 
 
+MEMORY_FRACTION = 0.8  # of the device's memory a plan may use (XLA needs headroom)
+
+
+def _fits(cfg: Config, dim: int, act_floats: int, data_bytes: int, chunk: int, budget: float) -> bool:
+    return estimate_memory(cfg, dim, act_floats, data_bytes, chunk)["total"] <= budget
+
+
+def choose_client_chunk(
+    cfg: Config, dim: int, act_floats: int, data_bytes: int, budget: float | None
+) -> int | None:
+    """The client chunk of a run: the user's `--client-chunk`, or the largest that fits.
+
+    Returns None (vmap all m participants at once) when everything fits or the budget is
+    unknown. Raises ValueError when the requested chunk does not fit, naming the largest chunk
+    that does, or when not even one client at a time fits (the O(n·d) round matrices or SPMC's
+    O(N·d) teachers alone exceed the budget).
+    """
+    n = cfg.n_per_round
+    want = cfg.client_chunk
+    if budget is None:
+        return want
+    if _fits(cfg, dim, act_floats, data_bytes, want or n, budget):
+        return want
+    if not _fits(cfg, dim, act_floats, data_bytes, 1, budget):
+        est = estimate_memory(cfg, dim, act_floats, data_bytes, 1)
+        raise ValueError(
+            f"even --client-chunk 1 needs ~{est['total'] / 2**30:.1f} GiB of the "
+            f"{budget / 2**30:.1f} GiB budget: the round's client matrices "
+            f"({est['client_matrices'] / 2**30:.1f} GiB) and SPMC teachers "
+            f"({est['teachers'] / 2**30:.1f} GiB) scale with --clients-per-round and --clients; "
+            f"lower them, or use more devices"
+        )
+    lo, hi = 1, want or n  # invariant: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(cfg, dim, act_floats, data_bytes, mid, budget) else (lo, mid)
+    if want is not None:
+        raise ValueError(
+            f"--client-chunk {want} needs ~"
+            f"{estimate_memory(cfg, dim, act_floats, data_bytes, want)['total'] / 2**30:.1f} GiB "
+            f"but the budget is {budget / 2**30:.1f} GiB; --client-chunk {lo} would fit"
+        )
+    return lo
+
+
 def device_memory_bytes() -> float | None:
     """Memory of the default device (bytes), or None when unknown (CPU: system RAM)."""
     dev = jax.devices()[0]
@@ -172,20 +222,78 @@ def device_memory_bytes() -> float | None:
         return None
 
 
+def shared_shard_partition(
+    labels: np.ndarray, n_pool: int, n_clients: int, size: int, partition: str, beta: float,
+    seed: int, num_classes: int,
+) -> tuple[part_lib.PaddedPartition, np.ndarray]:
+    """Cross-device partition when the pool cannot give every client its own full batch.
+
+    Each client i draws a label mix p_i ~ Dir(β·1_C) ('dirichlet') or the pool's class
+    frequencies ('iid'), class counts c_i ~ Multinomial(size, p_i), and then c_ik samples of
+    class k uniformly WITH replacement from the pool's class-k samples, independently of the
+    other clients (so clients' data overlap, as in synthetic cross-device benchmarks; the
+    reference's disjoint split would need n_clients · size ≤ pool). Vectorized NumPy,
+    O(n_clients · size), seeded by `seed`.
+
+    Returns:
+      (PaddedPartition with every row full, (n_clients, C) label histogram).
+    """
+    rng = np.random.default_rng(seed)
+    pool_labels = np.asarray(labels[:n_pool])
+    members = [np.flatnonzero(pool_labels == k) for k in range(num_classes)]
+    freq = np.array([len(m) for m in members], np.float64)
+    present = freq > 0
+    if partition == "dirichlet":
+        p = rng.dirichlet(np.full(int(present.sum()), beta), size=n_clients)
+        pvals = np.zeros((n_clients, num_classes))
+        pvals[:, present] = p
+    else:
+        pvals = np.broadcast_to(freq / freq.sum(), (n_clients, num_classes))
+    counts = rng.multinomial(size, pvals)  # (n, C), rows sum to `size`
+    seq = np.repeat(np.tile(np.arange(num_classes), n_clients), counts.ravel())
+    idx = np.empty(n_clients * size, np.int64)
+    for k in np.flatnonzero(present):
+        where = seq == k
+        idx[where] = members[k][rng.integers(0, len(members[k]), int(where.sum()))]
+    idx = rng.permuted(idx.reshape(n_clients, size), axis=1)
+    padded = part_lib.PaddedPartition(
+        indices=idx.astype(np.int32), mask=np.ones(idx.shape, bool),
+        sizes=np.full(n_clients, size, np.int32),
+    )
+    return padded, counts.astype(np.int64)
+
+
 def make_plan(cfg: Config, ds: Dataset) -> Plan:
-    """Partition the data, pick the attackers, size the steps and estimate memory (host only)."""
+    """Partition the data, pick the attackers, size the steps and estimate memory (host only).
+
+    When `clients × max(batch_size, min_size)` exceeds the client pool (cross-device scale,
+    e.g. 10⁵ clients on MNIST's 54,000 pool images) no disjoint split can give every client a
+    full batch (the reference's Dirichlet loop would never end): the plan then switches to
+    `shared_shard_partition` (overlapping per-client samples, `Plan.shared_shards`) and says so.
+    """
     cfg.validate()
     ds = _subsample(ds, cfg.subsample, cfg.seed)
     n_train = len(ds.y_train)
-    if cfg.partition == "dirichlet":
-        parts = part_lib.dirichlet_partition(
-            ds.y_train, cfg.clients, beta=cfg.beta, seed=cfg.seed, train_ratio=cfg.train_ratio,
-            min_size=cfg.min_size, num_classes=ds.num_classes,
+    pool, proxy = part_lib.proxy_split(n_train, cfg.train_ratio)
+    shard_size = max(cfg.batch_size, cfg.min_size)
+    shared = cfg.clients * shard_size > len(pool)
+    if shared:
+        padded, label_hist = shared_shard_partition(
+            ds.y_train, len(pool), cfg.clients, shard_size, cfg.partition, cfg.beta, cfg.seed,
+            ds.num_classes,
         )
     else:
-        parts = part_lib.iid_partition(n_train, cfg.clients, seed=cfg.seed, train_ratio=cfg.train_ratio)
-    pool, proxy = part_lib.proxy_split(n_train, cfg.train_ratio)
-    padded = part_lib.pad_partition(parts)
+        if cfg.partition == "dirichlet":
+            parts = part_lib.dirichlet_partition(
+                ds.y_train, cfg.clients, beta=cfg.beta, seed=cfg.seed,
+                train_ratio=cfg.train_ratio, min_size=cfg.min_size, num_classes=ds.num_classes,
+            )
+        else:
+            parts = part_lib.iid_partition(
+                n_train, cfg.clients, seed=cfg.seed, train_ratio=cfg.train_ratio
+            )
+        padded = part_lib.pad_partition(parts)
+        label_hist = part_lib.label_histograms(parts, ds.y_train, ds.num_classes)
     small = int(padded.sizes.min())
     if small < cfg.batch_size:
         raise ValueError(
@@ -203,8 +311,22 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
     model = get_model(cfg.model, ds.num_classes, resolve_conv_impl(cfg))
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
     flat = Flattener.build(variables)
-    chunk = cfg.client_chunk or cfg.n_per_round
-    mem = estimate_memory(cfg, flat.dim, _activation_floats(model, variables), ds.x_train.nbytes, chunk)
+    # On device the images are 32×32×3 uint8 (MNIST is resized once).
+    data_bytes = n_train * int(np.prod(INPUT_SHAPE))
+    act = _activation_floats(model, variables)
+    avail = device_memory_bytes()
+    budget = None if avail is None else MEMORY_FRACTION * avail
+    try:
+        chunk = choose_client_chunk(cfg, flat.dim, act, data_bytes, budget)
+        fits = True
+    except ValueError as err:
+        if cfg.client_chunk is not None and "would fit" in str(err):
+            raise
+        # Nothing fits: keep planning (a --dry-run reports it); Simulation refuses to run.
+        chunk, fits = 1, False
+    mem = estimate_memory(cfg, flat.dim, act, data_bytes, chunk or cfg.n_per_round)
+    mem["budget"] = float(budget) if budget is not None else 0.0  # 0: unknown
+    mem["fits"] = float(fits)
     return Plan(
         config=cfg,
         dataset=ds.name,
@@ -214,13 +336,15 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
         client_pool=len(pool),
         proxy_indices=proxy,
         partition=padded,
-        label_hist=part_lib.label_histograms(parts, ds.y_train, ds.num_classes),
+        label_hist=label_hist,
         malicious=malicious,
         steps_per_epoch=int(padded.sizes.max() // cfg.batch_size),
         epochs=cfg.epochs,
         num_params=flat.num_params,
         dim=flat.dim,
         memory=mem,
+        client_chunk=chunk,
+        shared_shards=shared,
     )
 
 
@@ -307,6 +431,15 @@ class Simulation:
         self.init_flat = self.flat.ravel(variables)
         self.n = cfg.n_per_round
         self.N = cfg.clients
+        if not plan.memory.get("fits", 1.0):
+            raise ValueError(
+                f"the plan needs ~{plan.memory['total'] / 2**30:.1f} GiB even one client at a "
+                f"time, over the {plan.memory['budget'] / 2**30:.1f} GiB budget; lower "
+                f"--clients-per-round / --clients or add devices"
+            )
+        self.client_chunk = plan.client_chunk
+        n_dev = sharding_lib.resolve_device_count(cfg.devices, self.n)
+        self.mesh = sharding_lib.client_mesh(n_dev) if n_dev > 1 else None
 
         env = AttackEnv(
             image_shape=INPUT_SHAPE, mean=ds.mean, std=ds.std, num_classes=ds.num_classes,
@@ -370,7 +503,7 @@ class Simulation:
         m_ids = np.flatnonzero(plan.malicious)
         rank = np.zeros(self.N, np.int32)
         rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
-        return SimData(
+        return self._place(SimData(
             train=ClientData(
                 x=_resized(ds.x_train), y=jnp.asarray(ds.y_train, jnp.int32), poison=jnp.asarray(poison)
             ),
@@ -381,6 +514,26 @@ class Simulation:
             proxy_idx=jnp.asarray(plan.proxy_indices, jnp.int32),
             x_test=_resized(ds.x_test),
             y_test=jnp.asarray(ds.y_test, jnp.int32),
+        ))
+
+    def _place(self, tree: PyTree) -> PyTree:
+        """Replicate a pytree over the mesh (a no-op on one device).
+
+        Every process holds the same values (same data, same seed), so with many hosts each
+        contributes its local copy to the global replicated array.
+        """
+        if self.mesh is None:
+            return tree
+        rep = sharding_lib.replicated(self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, rep)
+        return jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a))
+            if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+            else jax.random.wrap_key_data(
+                jax.make_array_from_process_local_data(rep, np.asarray(jax.random.key_data(a)))
+            ),
+            tree,
         )
 
     def predict(self, flat: jax.Array, x: jax.Array) -> jax.Array:
@@ -416,7 +569,9 @@ class Simulation:
             teachers = jnp.broadcast_to(self.init_flat, (self.N, self.flat.dim))
         else:
             teachers = jnp.zeros((1, 1), jnp.float32)
-        return RunState(self.init_flat, agg.init(self.init_flat), teachers, self.round_key)
+        return self._place(
+            RunState(self.init_flat, agg.init(self.init_flat), teachers, self.round_key)
+        )
 
     def _attack_active(self, r: jax.Array) -> jax.Array:
         return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
@@ -441,9 +596,12 @@ class Simulation:
 
         teachers = state.teachers[ids] if spmc else jnp.zeros((self.n, 1), jnp.float32)
         xs = (data.idx[ids], data.sizes[ids], data.malicious[ids], data.rank[ids], keys[ids], teachers)
-        chunk = self.cfg.client_chunk
+        chunk = self.client_chunk
         if chunk is None or chunk >= self.n:
-            return jax.vmap(one)(xs)
+            # Many devices: split the participants' tasks (and so their training and W rows)
+            # over the mesh; the aggregation after it is left to sharding propagation.
+            xs = sharding_lib.shard_clients(xs, self.mesh)
+            return sharding_lib.shard_clients(jax.vmap(one)(xs), self.mesh)
         return jax.lax.map(one, xs, batch_size=chunk)
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:

@@ -1,6 +1,9 @@
-"""SPMC (ICML 2025): self-purification on the client, margin contribution on the server.
+"""SPMC: self-purification on the client, margin contribution on the server.
 
-Three pure pieces, each written for the shapes the engine uses (spmc_reference.md §2-§3):
+He, Huang, Yang, Liu, Ye, "SPMC: Self-Purifying Federated Backdoor Defense via Margin
+Contribution", ICML 2025; formulas as in the authors' code (spmc_reference.md §2-§3).
+
+Three pure pieces, each written for the shapes the engine uses:
 
 - Client side, `project`: per parameter tensor, if the data gradient G_d conflicts with the
   guidance gradient G_g (cos < 0 strictly), remove λ times its component along G_g:
@@ -362,11 +365,13 @@ def teachers(new_global: jax.Array, client_flat: jax.Array, alpha: jax.Array) ->
     spmc_reference.md §3.1: with g = Σ_j α_j w_j and Σ_j α_j = 1 this is
     Σ_{j≠i} α_j w_j / Σ_{j≠i} α_j, the α-weighted model of the other clients.
 
-    Evaluated as T_i = g + (α_i/(1 − α_i))·(g − w_i), which avoids forming g − α_i w_i
-    (exact for uniform α: T_i = (S − w_i)/(n − 1)). The factor blows up as α_i → 1, so the
-    single client that may have α_i > 1/2 is instead computed directly from the Σ-form;
-    if the others' total weight is 0 (one valid client) its teacher is g. Clients with
-    α_i = 0 (invalid) get T_i = g.
+    Evaluated as T_i = g + (α_i/(1 − α_i))·(g − w_i): a small correction to g built from
+    the small difference g − w_i, so T_i is accurate to the float32 rounding of g
+    (uniform α gives the plain leave-one-out mean (S − w_i)/(n − 1)). The factor blows up
+    as α_i → 1, so the single client that may have α_i > 1/2 is computed directly from the
+    Σ-form instead (equal to the marginal form when g = Σ_j α_j w_j); if the others' total
+    weight is 0 (one valid client) its teacher is g. Clients with α_i = 0 (invalid) get
+    T_i = g.
 
     Args:
       new_global: (d,) g, the α-weighted aggregate (as returned by `margin_contribution`).

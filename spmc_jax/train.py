@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--protocol",
         default=DEFAULTS.protocol,
-        help=f"{'/'.join(PROTOCOLS)}: paper = SPMC 10 local epochs, baselines 1 (as the "
-        "reference ran Table 2); fair = every method --local-epochs (default 10)",
+        help=f"{'/'.join(PROTOCOLS)}: fair = every method --local-epochs (default 10), every "
+        "rule as its paper defines it; paper = as the reference ran Table 2: SPMC 10 local "
+        "epochs, baselines 1, and the reference's baseline quirks (config.PAPER_QUIRKS)",
     )
     f.add_argument(
         "--local-epochs",

@@ -1,0 +1,99 @@
+"""Many devices: the client axis sharded over 4 fake CPU devices equals the 1-device run.
+
+XLA's host-platform device count must be set before JAX starts, so the sharded run happens in
+a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4; it runs the same tiny
+federation with devices=4 and devices=1 and prints both results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spmc_jax.sharding import initialize_distributed, resolve_device_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from conftest import make_blob_dataset
+    from spmc_jax.config import Config
+    from spmc_jax.engine import Simulation, run
+
+    assert len(jax.devices()) == 4, jax.devices()
+    ds = make_blob_dataset(n_train=800, n_test=100)
+    out = {{}}
+    for defense in ("fedavg", "spmc"):
+        for dev in ("1", "4"):
+            cfg = Config(defense=defense, clients=4, rounds=2, local_epochs=1, batch_size=16,
+                         gamma=0.25, eval_batch=100, devices=dev)
+            sim = Simulation(cfg, ds)
+            res = run(cfg, ds, sim=sim)
+            g = res.state.global_flat
+            out[defense + dev] = dict(
+                mesh=None if sim.mesh is None else sim.mesh.size,
+                global_flat=np.asarray(g).tolist(),
+                n_shards=len(g.sharding.device_set),
+                weights=[h["client_weights"] for h in res.history],
+                A=[h["A"] for h in res.history],
+            )
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory) -> dict:
+    script = tmp_path_factory.mktemp("shard") / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("defense", ["fedavg", "spmc"])
+def test_sharded_round_equals_single_device(sharded_results, defense):
+    one, four = sharded_results[defense + "1"], sharded_results[defense + "4"]
+    assert one["mesh"] is None and four["mesh"] == 4
+    a, b = np.asarray(one["global_flat"]), np.asarray(four["global_flat"])
+    # Only the order of float32 cross-client sums may differ (all-reduce vs one device),
+    # compounded over 2 rounds of SGD: 1e-5 relative to the weights' scale.
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    np.testing.assert_allclose(four["weights"], one["weights"], rtol=1e-4, atol=1e-6)
+    for x, y in zip(one["A"], four["A"], strict=True):
+        assert abs(x - y) <= 100 / 100 + 1e-6  # at most one of the 100 test images flips
+
+
+def test_resolve_device_count_divides_the_client_axis():
+    # One visible CPU device in this process.
+    assert resolve_device_count("auto", 7) == 1
+    assert resolve_device_count(1, 10) == 1
+    with pytest.raises(ValueError, match="only 1 device"):
+        resolve_device_count(4, 8)
+    with pytest.raises(ValueError, match="accepted"):
+        resolve_device_count("many", 8)
+
+
+def test_initialize_distributed_needs_all_three_values(monkeypatch):
+    for k in ("SPMC_COORDINATOR", "SPMC_NUM_PROCESSES", "SPMC_PROCESS_ID", "SPMC_DISTRIBUTED"):
+        monkeypatch.delenv(k, raising=False)
+    assert initialize_distributed() is False  # nothing asked: single process
+    with pytest.raises(ValueError, match="process-id"):
+        initialize_distributed(coordinator="127.0.0.1:1234", num_processes=2)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        initialize_distributed("127.0.0.1:1234", 2, 5)
