@@ -646,6 +646,15 @@ class RunResult:
     sim: Simulation
 
 
+def _to_host(tree: PyTree) -> PyTree:
+    """NumPy copy of (possibly multi-host, client-sharded) device arrays: every process gets all."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def run(
     cfg: Config,
     ds: Dataset,
@@ -667,8 +676,8 @@ def run(
         count = min(cfg.eval_every, cfg.rounds - r)
         t0 = time.perf_counter()
         state, outs = sim.run_rounds(state, sim.data, count, jnp.asarray(r, jnp.int32))
-        metrics = jax.device_get(sim.evaluate(state.global_flat, sim.data))
-        outs = jax.device_get(outs)
+        metrics = _to_host(sim.evaluate(state.global_flat, sim.data))
+        outs = _to_host(outs)
         seconds = (time.perf_counter() - t0) / count
         for j in range(count):
             ids = np.asarray(outs.client_ids[j])

@@ -65,8 +65,9 @@ def make_evaluator(
         if trigger is None:
             r = r_excl = jnp.asarray(jnp.nan)
         else:
-            r = 100.0 - 100.0 * jnp.sum(hits) / n
-            r_excl = 100.0 - 100.0 * jnp.sum(hits_excl) / jnp.maximum(n_excl, 1)
+            # From integer misses, so R never rounds below 0 (100 − 100·hits/n can in float32).
+            r = 100.0 * (n - jnp.sum(hits)) / n
+            r_excl = 100.0 * (n_excl - jnp.sum(hits_excl)) / jnp.maximum(n_excl, 1)
         return {"A": a, "R": r, "R_excl_target": r_excl, "V": (a + r) / 2.0}
 
     return evaluate

@@ -918,7 +918,7 @@ def write_table(
 
 # ----------------------------------------------------------------------------- figure
 def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -> str | None:
-    """The paper's Figure 6 layout: per γ, A per round and R per round, one line per defense.
+    """The paper's Figure 6 layout: per γ (a row), A and R per round, one line per defense.
 
     The dataset is CIFAR-10 when the grid has it (as in the paper), else the grid's first
     dataset; values are averaged over seeds. Returns the dataset plotted (None: no rows).
@@ -935,13 +935,12 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
         return None
     names = load_published().get("method_names", {})
     defenses = _row_order(spec.defenses)
-    fig, axes = plt.subplots(
-        1, 2 * len(spec.gammas), figsize=(4.2 * 2 * len(spec.gammas), 3.6), squeeze=False
-    )
-    colors = plt.get_cmap("tab20").colors
+    n_g = len(spec.gammas)
+    fig, axes = plt.subplots(n_g, 2, figsize=(9.0, 3.0 * n_g + 0.8), squeeze=False)
+    colors = plt.get_cmap("tab10").colors  # 10 baselines, SPMC in black
     for gi, g in enumerate(spec.gammas):
         for ki, key in enumerate(("A", "R")):
-            ax = axes[0, 2 * gi + ki]
+            ax = axes[gi, ki]
             for di, d in enumerate(defenses):
                 by_round: dict[int, list[float]] = {}
                 for r in rows:
@@ -970,13 +969,14 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
             ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(
-        handles, labels, loc="lower center", ncol=min(len(labels), 11), fontsize=8, frameon=False
+        handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False
     )
     fig.suptitle(
         f"{_dataset_name(dataset)}, attack {spec.base.attack}, {spec.protocol} protocol",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    legend_in = 0.1 + 0.2 * math.ceil(len(labels) / 6)  # inches below the panels
+    fig.tight_layout(rect=(0, legend_in / (3.0 * n_g + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return dataset

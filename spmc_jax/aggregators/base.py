@@ -147,7 +147,9 @@ def weighted_mean(client_flat: jax.Array, weights: jax.Array) -> jax.Array:
     """Σ_i w_i x_i / Σ_i w_i (weights need not be normalised; all-zero gives zeros)."""
     w = weights.astype(client_flat.dtype)
     total = jnp.sum(w)
-    return (w @ client_flat) / jnp.where(total > 0, total, 1.0)
+    # HIGHEST: TPUs and recent GPUs would otherwise round float32 inputs to bf16/TF32.
+    agg = jnp.matmul(w, client_flat, precision=jax.lax.Precision.HIGHEST)
+    return agg / jnp.where(total > 0, total, 1.0)
 
 
 def normalized(weights: jax.Array) -> jax.Array:
