@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -229,6 +229,10 @@ def make_spec(
         for o in per_dataset.values():
             o.pop(key, None)
     grid = p["grid"]
+    if test_subsample == "preset":
+        test_n = p["test_subsample"]
+    else:
+        test_n = None if test_subsample is None else int(test_subsample)
     return SweepSpec(
         preset=preset,
         datasets=_dedupe(datasets or grid["datasets"]),
@@ -237,7 +241,7 @@ def make_spec(
         seeds=_dedupe(int(s) for s in (seeds if seeds is not None else grid["seeds"])),
         protocol=protocol or "paper",
         base=Config(**overrides),
-        test_subsample=p["test_subsample"] if test_subsample == "preset" else test_subsample,
+        test_subsample=test_n,
         dataset_config={d: o for d, o in per_dataset.items() if o},
     )
 
@@ -359,11 +363,11 @@ class _CompileMeter:
             [*self.EVENTS.values(), *self.COUNTS.values()], 0.0
         )
 
-    def _duration(self, event: str, duration: float, **_: Any) -> None:
+    def _duration(self, event: str, duration_secs: float, **_: str | int) -> None:
         if event in self.EVENTS:
-            self.totals[self.EVENTS[event]] += duration
+            self.totals[self.EVENTS[event]] += duration_secs
 
-    def _event(self, event: str, **_: Any) -> None:
+    def _event(self, event: str, **_: str | int) -> None:
         if event in self.COUNTS:
             self.totals[self.COUNTS[event]] += 1
 
@@ -400,7 +404,7 @@ def enable_jax_cache(path: Path) -> str:
     """
     import jax
 
-    current = jax.config.jax_compilation_cache_dir
+    current = getattr(jax.config, "jax_compilation_cache_dir", None)
     if current:  # the user's own (e.g. JAX_COMPILATION_CACHE_DIR) wins
         return str(current)
     path.mkdir(parents=True, exist_ok=True)
@@ -709,7 +713,7 @@ def _arrow(v: float | None, ref: float | None) -> str:
 
 
 def _cell_text(
-    m: dict[str, float | None] | None, ref: dict[str, float | None] | None, bold_v: bool
+    m: Mapping[str, float | None] | None, ref: Mapping[str, float | None] | None, bold_v: bool
 ) -> str:
     if m is None:
         return "–"
@@ -805,7 +809,7 @@ def render_table(
         f"# SPMC sweep `{spec.preset}`: Table 2 layout",
         "",
         f"- protocol: **{proto}**; local epochs run: {epochs}",
-        f"- rounds: {b.rounds}; A, R, V = means over the last 5 evaluated rounds"
+        f"- rounds: {b.rounds}; A, R, V = means over the last {min(5, b.rounds)} rounds"
         + (f" (mean over seeds {seeds})" if len(spec.seeds) > 1 else ""),
         f"- model: {models}; attack: `{b.attack}`; γ: "
         f"{', '.join(f'{g:g}' for g in spec.gammas)}; clients: "
@@ -894,6 +898,11 @@ def render_table(
             f"{t['backend_compile_s']:.1f} | {t['trace_s'] + t['lower_s']:.1f} | "
             f"{t['cache_hits']:.0f} | {later} |"
         )
+    lines += [
+        "",
+        "compile s: XLA compile wall time (on a persistent-cache hit, the load time); "
+        "trace+lower: JAX tracing and lowering, paid by every cell.",
+    ]
     if published.get("best_v"):
         lines += [
             "",
@@ -937,7 +946,7 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
     defenses = _row_order(spec.defenses)
     n_g = len(spec.gammas)
     fig, axes = plt.subplots(n_g, 2, figsize=(9.0, 3.0 * n_g + 0.8), squeeze=False)
-    colors = plt.get_cmap("tab10").colors  # 10 baselines, SPMC in black
+    colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # 10 baselines, SPMC in black
     for gi, g in enumerate(spec.gammas):
         for ki, key in enumerate(("A", "R")):
             ax = axes[gi, ki]
