@@ -41,10 +41,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spmc_jax.client import ClientTask  # noqa: E402
-from spmc_jax.config import Config  # noqa: E402
-from spmc_jax.data.types import Dataset  # noqa: E402
-from spmc_jax.engine import Simulation  # noqa: E402
+from spmc_jax.client import ClientTask
+from spmc_jax.config import Config
+from spmc_jax.data.types import Dataset
+from spmc_jax.engine import Simulation
 
 
 def synthetic_dataset(n_train: int, n_test: int = 200, seed: int = 0) -> Dataset:
@@ -80,9 +80,18 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     n_train = int(np.ceil(k * args.samples / 0.9)) + 10
     ds = synthetic_dataset(n_train)
     cfg = Config(
-        dataset="mnist", clients=k, rounds=1, local_epochs=args.local_epochs,
-        batch_size=args.batch_size, partition="iid", defense=defense, attack="base",
-        gamma=0.2, conv_impl=conv_impl, client_chunk=args.client_chunk, eval_batch=200,
+        dataset="mnist",
+        clients=k,
+        rounds=1,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        partition="iid",
+        defense=defense,
+        attack="base",
+        gamma=0.2,
+        conv_impl=conv_impl,
+        client_chunk=args.client_chunk,
+        eval_batch=200,
     )
     sim = Simulation(cfg, ds)
     plan = sim.plan
@@ -92,8 +101,12 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     data = sim.data
     r0 = jnp.asarray(0, jnp.int32)
     res: dict[str, Any] = {
-        "K": k, "defense": defense, "conv_impl": sim.conv_impl, "client_steps": client_steps,
-        "steps_per_client": steps, "dim": plan.dim,
+        "K": k,
+        "defense": defense,
+        "conv_impl": sim.conv_impl,
+        "client_steps": client_steps,
+        "steps_per_client": steps,
+        "dim": plan.dim,
     }
     eng = _time(lambda: sim.run_rounds(state, data, 1, r0)[0].global_flat, args.repeats)
     res["engine"] = eng
@@ -109,10 +122,11 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     local = jax.jit(sim.local_train)
     vm = jax.jit(jax.vmap(sim.local_train, in_axes=(None, None, None, 0, None)))
     all_tasks = task(jnp.arange(k))
-    res["vmap"] = _time(lambda: vm(variables, teacher, data.train, all_tasks, attack_on).loss,
-                        args.repeats)
+    res["vmap"] = _time(
+        lambda: vm(variables, teacher, data.train, all_tasks, attack_on).loss, args.repeats
+    )
     n_seq = min(k, args.seq_max)
-    tasks = [jax.tree.map(lambda a: a[i], all_tasks) for i in range(n_seq)]
+    tasks = [jax.tree.map(lambda a, i=i: a[i], all_tasks) for i in range(n_seq)]
 
     def seq():
         out = None
@@ -124,8 +138,10 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     s = _time(seq, max(1, args.repeats))
     scale = k / n_seq
     res["sequential"] = {
-        "first_call_s": s["first_call_s"], "wall_s": s["wall_s"] * scale,
-        "cpu_s": s["cpu_s"] * scale, "measured_clients": n_seq,
+        "first_call_s": s["first_call_s"],
+        "wall_s": s["wall_s"] * scale,
+        "cpu_s": s["cpu_s"] * scale,
+        "measured_clients": n_seq,
     }
     for name in ("engine", "vmap", "sequential"):
         d = res[name]
@@ -160,21 +176,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--client-chunk", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seq-max", type=int, default=100,
-                   help="time the sequential loop on at most this many clients, scale linearly")
+    p.add_argument(
+        "--seq-max",
+        type=int,
+        default=100,
+        help="time the sequential loop on at most this many clients, scale linearly",
+    )
     p.add_argument("--quick", action="store_true", help="K in {10, 100}, fedavg only, 1 repeat")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.defense, args.repeats, args.seq_max = [10, 100], ["fedavg"], 1, 20
     env = environment()
-    print(f"jax {env['jax']} on {env['backend']}: {env['devices']} ({env['device_kind']}), "
-          f"{env['cpu_count']} CPUs, load {env['loadavg']}")
-    print(f"config: SimpleCNN, synthetic MNIST-kind data, {args.samples} images/client, batch "
-          f"{args.batch_size}, {args.local_epochs} local epoch(s), client_chunk {args.client_chunk}")
+    print(
+        f"jax {env['jax']} on {env['backend']}: {env['devices']} ({env['device_kind']}), "
+        f"{env['cpu_count']} CPUs, load {env['loadavg']}"
+    )
+    print(
+        f"config: SimpleCNN, synthetic MNIST-kind data, {args.samples} images/client, batch "
+        f"{args.batch_size}, {args.local_epochs} local epoch(s), chunk {args.client_chunk}"
+    )
     rows = []
-    hdr = (f"{'K':>6} {'defense':>7} {'conv':>7} {'steps':>7} | {'engine s':>9} {'steps/s':>9} | "
-           f"{'vmap s':>8} | {'seq s':>8} {'steps/s':>8} | {'x wall':>6} {'x cpu':>6} | compile s")
+    hdr = (
+        f"{'K':>6} {'defense':>7} {'conv':>7} {'steps':>7} | {'engine s':>9} {'steps/s':>9} | "
+        f"{'vmap s':>8} | {'seq s':>8} {'steps/s':>8} | {'x wall':>6} {'x cpu':>6} | compile s"
+    )
     print(hdr)
     for impl in args.conv_impl:
         for defense in args.defense:
@@ -182,14 +208,20 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_cell(k, defense, impl, args)
                 rows.append(r)
                 e, s, v = r["engine"], r["sequential"], r["vmap"]
-                print(f"{k:>6} {defense:>7} {r['conv_impl']:>7} {r['client_steps']:>7} | "
-                      f"{e['wall_s']:>9.3f} {e['client_steps_per_s']:>9.1f} | {v['wall_s']:>8.3f} | "
-                      f"{s['wall_s']:>8.3f} {s['client_steps_per_s']:>8.1f} | "
-                      f"{r['ratio_engine_vs_sequential_wall']:>6.2f} "
-                      f"{r['ratio_engine_vs_sequential_cpu']:>6.2f} | "
-                      f"{e['first_call_s'] - e['wall_s']:.1f}", flush=True)
-    print("x = sequential time / engine time (>1: the engine is faster); sequential measured on "
-          f"<= {args.seq_max} clients and scaled linearly to K.")
+                print(
+                    f"{k:>6} {defense:>7} {r['conv_impl']:>7} {r['client_steps']:>7} | "
+                    f"{e['wall_s']:>9.3f} {e['client_steps_per_s']:>9.1f} | "
+                    f"{v['wall_s']:>8.3f} | "
+                    f"{s['wall_s']:>8.3f} {s['client_steps_per_s']:>8.1f} | "
+                    f"{r['ratio_engine_vs_sequential_wall']:>6.2f} "
+                    f"{r['ratio_engine_vs_sequential_cpu']:>6.2f} | "
+                    f"{e['first_call_s'] - e['wall_s']:.1f}",
+                    flush=True,
+                )
+    print(
+        "x = sequential time / engine time (>1: the engine is faster); sequential measured on "
+        f"<= {args.seq_max} clients and scaled linearly to K."
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -29,7 +29,6 @@ from spmc_jax import spmc as spmc_lib
 from spmc_jax.aggregators import AggregatorEnv, RoundContext, get_aggregator
 from spmc_jax.aggregators.base import sanitize
 from spmc_jax.attacks import AttackEnv, parse_attack
-from spmc_jax.attacks.base import DataAttack, ModelAttack
 from spmc_jax.attacks.base_backdoor import base as base_trigger
 from spmc_jax.client import (
     ClientData,
@@ -80,7 +79,7 @@ class Plan:
             "n_train": self.n_train,
             "n_test": self.n_test,
             "client_pool": self.client_pool,
-            "proxy_size": int(len(self.proxy_indices)),
+            "proxy_size": len(self.proxy_indices),
             "clients": [
                 {
                     "id": i,
@@ -126,14 +125,18 @@ def _activation_floats(model: nn.Module, variables: PyTree) -> int:
     x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
 
     def f(v, x):
-        _, state = model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        _, state = model.apply(
+            v, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
         return state
 
     shapes = jax.eval_shape(f, variables, x)
     return int(sum(np.prod(s.shape) for s in jax.tree.leaves(shapes)))
 
 
-def estimate_memory(cfg: Config, dim: int, act_floats: int, n_train_pixels: int, chunk: int) -> dict[str, float]:
+def estimate_memory(
+    cfg: Config, dim: int, act_floats: int, n_train_pixels: int, chunk: int
+) -> dict[str, float]:
     """Rough device-memory estimate (bytes) of one round.
 
     Per client in flight: params, momentum, gradient(s), the trained row and (SPMC) the
@@ -163,7 +166,9 @@ def estimate_memory(cfg: Config, dim: int, act_floats: int, n_train_pixels: int,
 MEMORY_FRACTION = 0.8  # of the device's memory a plan may use (XLA needs headroom)
 
 
-def _fits(cfg: Config, dim: int, act_floats: int, data_bytes: int, chunk: int, budget: float) -> bool:
+def _fits(
+    cfg: Config, dim: int, act_floats: int, data_bytes: int, chunk: int, budget: float
+) -> bool:
     return estimate_memory(cfg, dim, act_floats, data_bytes, chunk)["total"] <= budget
 
 
@@ -212,7 +217,7 @@ def device_memory_bytes() -> float | None:
         stats = dev.memory_stats()
         if stats and "bytes_limit" in stats:
             return float(stats["bytes_limit"])
-    except Exception:  # noqa: BLE001 - backends without memory_stats
+    except Exception:
         pass
     try:
         import os
@@ -223,8 +228,14 @@ def device_memory_bytes() -> float | None:
 
 
 def shared_shard_partition(
-    labels: np.ndarray, n_pool: int, n_clients: int, size: int, partition: str, beta: float,
-    seed: int, num_classes: int,
+    labels: np.ndarray,
+    n_pool: int,
+    n_clients: int,
+    size: int,
+    partition: str,
+    beta: float,
+    seed: int,
+    num_classes: int,
 ) -> tuple[part_lib.PaddedPartition, np.ndarray]:
     """Cross-device partition when the pool cannot give every client its own full batch.
 
@@ -257,7 +268,8 @@ def shared_shard_partition(
         idx[where] = members[k][rng.integers(0, len(members[k]), int(where.sum()))]
     idx = rng.permuted(idx.reshape(n_clients, size), axis=1)
     padded = part_lib.PaddedPartition(
-        indices=idx.astype(np.int32), mask=np.ones(idx.shape, bool),
+        indices=idx.astype(np.int32),
+        mask=np.ones(idx.shape, bool),
         sizes=np.full(n_clients, size, np.int32),
     )
     return padded, counts.astype(np.int64)
@@ -266,27 +278,40 @@ def shared_shard_partition(
 def make_plan(cfg: Config, ds: Dataset) -> Plan:
     """Partition the data, pick the attackers, size the steps and estimate memory (host only).
 
-    When `clients × max(batch_size, min_size)` exceeds the client pool (cross-device scale,
-    e.g. 10⁵ clients on MNIST's 54,000 pool images) no disjoint split can give every client a
-    full batch (the reference's Dirichlet loop would never end): the plan then switches to
-    `shared_shard_partition` (overlapping per-client samples, `Plan.shared_shards`) and says so.
+    When `clients × min_size` exceeds the client pool (cross-device scale, e.g. 10⁵ clients
+    on MNIST's 54,000 pool images) no disjoint split can give every client even `min_size`
+    samples (the reference's Dirichlet loop would never end): the plan then switches to
+    `shared_shard_partition` (overlapping per-client samples of max(batch_size, min_size)
+    each, `Plan.shared_shards`). Below that, a client without a full batch is an error.
     """
     cfg.validate()
     ds = _subsample(ds, cfg.subsample, cfg.seed)
     n_train = len(ds.y_train)
     pool, proxy = part_lib.proxy_split(n_train, cfg.train_ratio)
     shard_size = max(cfg.batch_size, cfg.min_size)
-    shared = cfg.clients * shard_size > len(pool)
+    # Not even --min-size samples each: no disjoint split exists (cross-device scale).
+    shared = cfg.clients * cfg.min_size > len(pool)
     if shared:
         padded, label_hist = shared_shard_partition(
-            ds.y_train, len(pool), cfg.clients, shard_size, cfg.partition, cfg.beta, cfg.seed,
+            ds.y_train,
+            len(pool),
+            cfg.clients,
+            shard_size,
+            cfg.partition,
+            cfg.beta,
+            cfg.seed,
             ds.num_classes,
         )
     else:
         if cfg.partition == "dirichlet":
             parts = part_lib.dirichlet_partition(
-                ds.y_train, cfg.clients, beta=cfg.beta, seed=cfg.seed,
-                train_ratio=cfg.train_ratio, min_size=cfg.min_size, num_classes=ds.num_classes,
+                ds.y_train,
+                cfg.clients,
+                beta=cfg.beta,
+                seed=cfg.seed,
+                train_ratio=cfg.train_ratio,
+                min_size=cfg.min_size,
+                num_classes=ds.num_classes,
             )
         else:
             parts = part_lib.iid_partition(
@@ -307,7 +332,9 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
         if cfg.attacker_ids == "last":
             malicious[cfg.clients - m :] = True
         else:
-            malicious[np.random.RandomState(cfg.seed + 7).choice(cfg.clients, m, replace=False)] = True
+            malicious[np.random.RandomState(cfg.seed + 7).choice(cfg.clients, m, replace=False)] = (
+                True
+            )
     model = get_model(cfg.model, ds.num_classes, resolve_conv_impl(cfg))
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
     flat = Flattener.build(variables)
@@ -442,8 +469,13 @@ class Simulation:
         self.mesh = sharding_lib.client_mesh(n_dev) if n_dev > 1 else None
 
         env = AttackEnv(
-            image_shape=INPUT_SHAPE, mean=ds.mean, std=ds.std, num_classes=ds.num_classes,
-            num_malicious=cfg.num_malicious, n_clients=self.n, lr=cfg.lr,
+            image_shape=INPUT_SHAPE,
+            mean=ds.mean,
+            std=ds.std,
+            num_classes=ds.num_classes,
+            num_malicious=cfg.num_malicious,
+            n_clients=self.n,
+            lr=cfg.lr,
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
         probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
@@ -462,8 +494,13 @@ class Simulation:
         )
         common = dict(batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch)
         self.local_train = make_local_train(
-            self.model, self.train_transform, tx, epochs=plan.epochs,
-            data_attack=self.data_attack, spmc=spmc_opts, **common,
+            self.model,
+            self.train_transform,
+            tx,
+            epochs=plan.epochs,
+            data_attack=self.data_attack,
+            spmc=spmc_opts,
+            **common,
         )
         n_proxy = len(plan.proxy_indices)
         self._proxy_steps = max(n_proxy // cfg.batch_size, 1)
@@ -503,18 +540,22 @@ class Simulation:
         m_ids = np.flatnonzero(plan.malicious)
         rank = np.zeros(self.N, np.int32)
         rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
-        return self._place(SimData(
-            train=ClientData(
-                x=_resized(ds.x_train), y=jnp.asarray(ds.y_train, jnp.int32), poison=jnp.asarray(poison)
-            ),
-            idx=jnp.asarray(plan.partition.indices, jnp.int32),
-            sizes=jnp.asarray(plan.partition.sizes, jnp.int32),
-            malicious=jnp.asarray(plan.malicious),
-            rank=jnp.asarray(rank),
-            proxy_idx=jnp.asarray(plan.proxy_indices, jnp.int32),
-            x_test=_resized(ds.x_test),
-            y_test=jnp.asarray(ds.y_test, jnp.int32),
-        ))
+        return self._place(
+            SimData(
+                train=ClientData(
+                    x=_resized(ds.x_train),
+                    y=jnp.asarray(ds.y_train, jnp.int32),
+                    poison=jnp.asarray(poison),
+                ),
+                idx=jnp.asarray(plan.partition.indices, jnp.int32),
+                sizes=jnp.asarray(plan.partition.sizes, jnp.int32),
+                malicious=jnp.asarray(plan.malicious),
+                rank=jnp.asarray(rank),
+                proxy_idx=jnp.asarray(plan.proxy_indices, jnp.int32),
+                x_test=_resized(ds.x_test),
+                y_test=jnp.asarray(ds.y_test, jnp.int32),
+            )
+        )
 
     def _place(self, tree: PyTree) -> PyTree:
         """Replicate a pytree over the mesh (a no-op on one device).
@@ -528,10 +569,12 @@ class Simulation:
         if jax.process_count() == 1:
             return jax.device_put(tree, rep)
         return jax.tree.map(
-            lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a))
-            if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-            else jax.random.wrap_key_data(
-                jax.make_array_from_process_local_data(rep, np.asarray(jax.random.key_data(a)))
+            lambda a: (
+                jax.make_array_from_process_local_data(rep, np.asarray(a))
+                if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                else jax.random.wrap_key_data(
+                    jax.make_array_from_process_local_data(rep, np.asarray(jax.random.key_data(a)))
+                )
             ),
             tree,
         )
@@ -544,13 +587,20 @@ class Simulation:
         """`epochs` of the clients' SGD on the proxy set (Finetuning, FLTrust)."""
         if epochs not in self._proxy_train_fns:
             self._proxy_train_fns[epochs] = make_local_train(
-                self.model, self.train_transform, self._tx, batch_size=self.cfg.batch_size,
-                steps_per_epoch=self._proxy_steps, epochs=epochs,
+                self.model,
+                self.train_transform,
+                self._tx,
+                batch_size=self.cfg.batch_size,
+                steps_per_epoch=self._proxy_steps,
+                epochs=epochs,
             )
         fn = self._proxy_train_fns[epochs]
         task = ClientTask(
-            idx=data.proxy_idx, size=jnp.asarray(data.proxy_idx.shape[0], jnp.int32),
-            malicious=jnp.asarray(False), rank=jnp.asarray(0, jnp.int32), key=key,
+            idx=data.proxy_idx,
+            size=jnp.asarray(data.proxy_idx.shape[0], jnp.int32),
+            malicious=jnp.asarray(False),
+            rank=jnp.asarray(0, jnp.int32),
+            key=key,
         )
         variables = self.flat.unravel(flat)
         out = fn(variables, variables, data.train, task, jnp.asarray(False))
@@ -582,8 +632,9 @@ class Simulation:
         ids = jax.random.choice(key, self.N, (self.n,), replace=False)
         return jnp.sort(ids).astype(jnp.int32)
 
-    def _train_clients(self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array,
-                       attack_on: jax.Array):
+    def _train_clients(
+        self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
+    ):
         variables = self.flat.unravel(state.global_flat)
         spmc = self.cfg.uses_spmc_client
 
@@ -595,7 +646,14 @@ class Simulation:
             return self.flat.ravel(out.variables), out.loss, out.projected
 
         teachers = state.teachers[ids] if spmc else jnp.zeros((self.n, 1), jnp.float32)
-        xs = (data.idx[ids], data.sizes[ids], data.malicious[ids], data.rank[ids], keys[ids], teachers)
+        xs = (
+            data.idx[ids],
+            data.sizes[ids],
+            data.malicious[ids],
+            data.rank[ids],
+            keys[ids],
+            teachers,
+        )
         chunk = self.client_chunk
         if chunk is None or chunk >= self.n:
             # Many devices: split the participants' tasks (and so their training and W rows)
@@ -613,12 +671,18 @@ class Simulation:
         W, loss, projected = self._train_clients(state, data, ids, client_keys, attack_on)
         malicious = data.malicious[ids]
         for i, attack in enumerate(self.model_attacks):
-            attacked = attack.apply(W, state.global_flat, malicious, jax.random.fold_in(k_attack, i))
+            attacked = attack.apply(
+                W, state.global_flat, malicious, jax.random.fold_in(k_attack, i)
+            )
             W = jnp.where(attack_on, attacked, W)
         W, valid = sanitize(W, state.global_flat)
         ctx = RoundContext(
-            global_flat=state.global_flat, round=r, key=k_agg,
-            n_samples=data.sizes[ids].astype(jnp.float32), valid=valid, client_ids=ids,
+            global_flat=state.global_flat,
+            round=r,
+            key=k_agg,
+            n_samples=data.sizes[ids].astype(jnp.float32),
+            valid=valid,
+            client_ids=ids,
         )
         new_global, agg_state, info = self.aggregator(data).aggregate(W, state.agg_state, ctx)
         teachers = state.teachers
@@ -629,9 +693,7 @@ class Simulation:
         return RunState(new_global, agg_state, teachers, state.key), out
 
     def _run_rounds(self, state: RunState, data: SimData, count: int, start: jax.Array):
-        return jax.lax.scan(
-            lambda s, r: self._round(s, data, r), state, start + jnp.arange(count)
-        )
+        return jax.lax.scan(lambda s, r: self._round(s, data, r), state, start + jnp.arange(count))
 
     def _evaluate(self, flat: jax.Array, data: SimData) -> dict[str, jax.Array]:
         return self.evaluator(flat, data.x_test, data.y_test)

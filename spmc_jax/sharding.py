@@ -44,11 +44,15 @@ def resolve_device_count(devices: str | int, n_clients: int) -> int:
         try:
             want = int(devices)
         except (TypeError, ValueError):
-            raise ValueError(f"devices={devices!r}; accepted: 'auto' or a positive integer") from None
+            raise ValueError(
+                f"devices={devices!r}; accepted: 'auto' or a positive integer"
+            ) from None
         if want < 1:
             raise ValueError(f"devices={devices!r}; accepted: 'auto' or a positive integer")
         if want > avail:
-            raise ValueError(f"devices={want} but only {avail} device(s) are visible: {jax.devices()}")
+            raise ValueError(
+                f"devices={want} but only {avail} device(s) are visible: {jax.devices()}"
+            )
     d = min(want, n_clients)
     while n_clients % d:
         d -= 1

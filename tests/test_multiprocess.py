@@ -57,18 +57,30 @@ def _launch(script: Path, nproc: int) -> list[dict]:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     addr = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen([sys.executable, str(script), addr, str(nproc), str(i)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output goes to files, not pipes: a full pipe would stall one process while the other
+    # waits for it in jax.distributed's shutdown barrier.
+    logs = [
+        (script.with_suffix(f".{nproc}.{i}.out"), script.with_suffix(f".{nproc}.{i}.err"))
         for i in range(nproc)
     ]
+    procs = []
+    for i, (o, e) in enumerate(logs):
+        with o.open("w") as fo, e.open("w") as fe:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), addr, str(nproc), str(i)],
+                    env=env,
+                    stdout=fo,
+                    stderr=fe,
+                )
+            )
     outs = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err[-3000:]
-            line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
-            outs.append(json.loads(line[len("RESULT"):]))
+        for p, (o, e) in zip(procs, logs, strict=True):
+            p.wait(timeout=600)
+            assert p.returncode == 0, e.read_text()[-3000:]
+            line = next(ln for ln in o.read_text().splitlines() if ln.startswith("RESULT"))
+            outs.append(json.loads(line[len("RESULT") :]))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -86,6 +98,7 @@ def test_two_processes_equal_one(tmp_path):
     for r in pair:
         assert r["procs"] == 2 and r["devices"] == 2 and r["mesh"] == 2
         # Cross-process all-reduce changes only float32 summation order: 1e-5 of the scale.
-        np.testing.assert_allclose(np.asarray(r["global_flat"]), a, rtol=1e-4,
-                                   atol=1e-5 * np.abs(a).max())
+        np.testing.assert_allclose(
+            np.asarray(r["global_flat"]), a, rtol=1e-4, atol=1e-5 * np.abs(a).max()
+        )
         assert abs(r["A"] - single["A"]) <= 1.0 + 1e-6  # at most one of 100 images flips
