@@ -86,6 +86,9 @@ class Config:
     eval_batch: int = 500
     client_chunk: int | None = None
     devices: str = "auto"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     out: str | None = None
 
     # ---- derived values -------------------------------------------------------------

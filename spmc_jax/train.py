@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients trained at once (bounds memory; default: all)",
     )
     e.add_argument("--devices", default="auto", help="'auto' or a device count for the client axis")
+    e.add_argument(
+        "--coordinator",
+        default=None,
+        help="multi-host: host:port of process 0 (or env SPMC_COORDINATOR)",
+    )
+    e.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
+    e.add_argument("--process-id", type=int, default=None, help="multi-host: this process's rank")
     e.add_argument("--out", default=None, help="output directory")
     e.add_argument(
         "--dry-run",
@@ -215,6 +222,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         eval_batch=args.eval_batch,
         client_chunk=args.client_chunk,
         devices=args.devices,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
         out=args.out,
     )
 
@@ -278,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(list_registry("attack"))
         return 0
     try:
+        from spmc_jax.sharding import initialize_distributed
+
+        # Before anything touches a JAX backend.
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         cfg = config_from_args(args).validate()
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise ValueError(f"--data-dir {cfg.data_dir!r} is not a readable directory")
@@ -311,19 +325,29 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
         json.dumps({"config": cfg.to_dict(), "plan": plan_d, "environment": env}, indent=1)
     )
     est = plan.memory["total"]
+    fits = bool(plan.memory.get("fits", 1.0))
+    chunk = "all" if plan.client_chunk is None else str(plan.client_chunk)
     print(
         f"plan: {plan.dataset} ({plan.dataset_source}), {cfg.clients} clients "
         f"({cfg.n_per_round}/round, malicious {plan_d['malicious_ids'][:20]}), "
         f"{plan.num_params:,} params, {plan.epochs} local epochs x {plan.steps_per_epoch} steps, "
-        f"est. memory {est / 2**30:.2f} GiB" + (f" of {avail / 2**30:.1f} GiB" if avail else "")
+        f"clients per chunk: {chunk}, est. memory {est / 2**30:.2f} GiB"
+        + (f" of {avail / 2**30:.1f} GiB" if avail else "")
+        + ("" if fits else " -- does NOT fit, even one client at a time")
     )
+    if plan.shared_shards:
+        print(
+            "note: more clients than the data allows disjoint shards of --min-size; clients "
+            "draw overlapping samples (cross-device mode)"
+        )
     if dry_run:
         print(f"dry run: plan written to {out / 'plan.json'}")
         return 0
-    if avail and est > 0.9 * avail:
+    if not fits:
         print(
-            f"error: estimated memory {est / 2**30:.1f} GiB exceeds the device's "
-            f"{avail / 2**30:.1f} GiB; use --client-chunk",
+            f"error: estimated memory {est / 2**30:.1f} GiB does not fit the device "
+            f"({(avail or 0) / 2**30:.1f} GiB) even with --client-chunk 1; use fewer clients per "
+            "round or a defense without per-client state (SPMC keeps a teacher per client)",
             file=sys.stderr,
         )
         return 2

@@ -27,7 +27,7 @@ def test_fedavg_learns_above_chance(blobs):
 
 
 def test_same_seed_same_numbers(blobs):
-    cfg = Config(defense="spmc", **TINY)
+    cfg = Config(defense="spmc", model="mlp", **TINY)
     a = _history(cfg, blobs)
     b = _history(cfg, blobs)
     for ra, rb in zip(a, b, strict=True):
@@ -55,9 +55,10 @@ def test_ablations_run(blobs):
         {"server_weighting": False},
         {"attackers_skip_projection": True},
     ):
-        hist = _history(Config(defense="spmc", **{**TINY, "rounds": 1}, **kw), blobs)
+        hist = _history(Config(defense="spmc", model="mlp", **{**TINY, "rounds": 1}, **kw), blobs)
         assert hist[0]["A"] is not None
-    hist = _history(Config(defense="spmc", server_weighting=False, **{**TINY, "rounds": 1}), blobs)
+    cfg = Config(defense="spmc", model="mlp", server_weighting=False, **{**TINY, "rounds": 1})
+    hist = _history(cfg, blobs)
     np.testing.assert_allclose(hist[0]["client_weights"], 0.25, rtol=1e-6)
 
 

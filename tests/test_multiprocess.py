@@ -34,7 +34,7 @@ WORKER = textwrap.dedent(
     from spmc_jax.engine import Simulation, run
 
     ds = make_blob_dataset(n_train=800, n_test=100)
-    cfg = Config(defense="fedavg", clients=4, rounds=1, local_epochs=1, batch_size=16,
+    cfg = Config(defense="fedavg", model="mlp", clients=4, rounds=1, local_epochs=1, batch_size=16,
                  gamma=0.25, eval_batch=100, devices="auto")
     sim = Simulation(cfg, ds)
     res = run(cfg, ds, sim=sim)

@@ -36,8 +36,8 @@ WORKER = textwrap.dedent(
     out = {{}}
     for defense in ("fedavg", "spmc"):
         for dev in ("1", "4"):
-            cfg = Config(defense=defense, clients=4, rounds=1, local_epochs=1, batch_size=16,
-                         gamma=0.25, eval_batch=100, devices=dev)
+            cfg = Config(defense=defense, model="mlp", clients=4, rounds=1, local_epochs=1,
+                         batch_size=16, gamma=0.25, eval_batch=100, devices=dev)
             sim = Simulation(cfg, ds)
             res = run(cfg, ds, sim=sim)
             g = res.state.global_flat
