@@ -306,3 +306,30 @@ def test_dba_under_vmap_over_clients():
         xr, yr = _apply(attack, x, y, flags, rank=r)
         np.testing.assert_array_equal(np.asarray(xs[r]), np.asarray(xr))
         np.testing.assert_array_equal(np.asarray(ys[r]), np.asarray(yr))
+
+
+def test_reference_trigger_placement_and_value():
+    """`base`: exactly the 12 entries channel 0, rows {0, 2} x cols {0,1,2,4,5,6} become 1.0
+    (normalised units), only on flagged samples, labels -> 2 (spmc_reference.md §1.6)."""
+    from spmc_jax.attacks import get_attack
+    from spmc_jax.attacks.base import AttackEnv
+
+    env = AttackEnv(image_shape=(32, 32, 3), mean=(0.1307,) * 3, std=(0.3081,) * 3)
+    atk = get_attack("base", env)
+    x = jnp.full((3, 32, 32, 3), -0.5, jnp.float32)
+    y = jnp.array([0, 5, 2], jnp.int32)
+    flags = jnp.array([True, False, True])
+    xp, yp = atk.apply(x, y, flags, jnp.asarray(0), jax.random.key(0))
+    xp = np.asarray(xp)
+    want = np.full((32, 32, 3), -0.5, np.float32)
+    for r in (0, 2):
+        for c in (0, 1, 2, 4, 5, 6):
+            want[r, c, 0] = 1.0
+    np.testing.assert_array_equal(xp[0], want)
+    np.testing.assert_array_equal(xp[2], want)
+    np.testing.assert_array_equal(xp[1], np.asarray(x[1]))
+    assert int((xp[0] != -0.5).sum()) == 12
+    np.testing.assert_array_equal(np.asarray(yp), [2, 5, 2])
+    xt, yt = atk.test(x, y)
+    np.testing.assert_array_equal(np.asarray(xt)[1], want)
+    np.testing.assert_array_equal(np.asarray(yt), [2, 2, 2])
