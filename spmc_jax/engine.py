@@ -376,6 +376,10 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
 
 
 # ----------------------------------------------------------------------------- state
+# One jitted resize shared by every Simulation (a per-call jax.jit recompiled for each run).
+_resize = jax.jit(pil_bilinear_resize)
+
+
 def _resized(x: np.ndarray, chunk: int = 8192) -> jax.Array:
     """Put uint8 images on device at 32×32, resizing (F)MNIST once, on device.
 
@@ -384,8 +388,8 @@ def _resized(x: np.ndarray, chunk: int = 8192) -> jax.Array:
     """
     if x.shape[1:3] == INPUT_SHAPE[:2]:
         return jnp.asarray(x)
-    resize = jax.jit(pil_bilinear_resize)
-    return jnp.concatenate([resize(jnp.asarray(x[i : i + chunk])) for i in range(0, len(x), chunk)])
+    parts = [_resize(jnp.asarray(x[i : i + chunk])) for i in range(0, len(x), chunk)]
+    return jnp.concatenate(parts)
 
 
 class SimData(NamedTuple):
