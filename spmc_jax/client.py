@@ -89,6 +89,95 @@ def make_optimizer(lr: float, momentum: float, weight_decay: float) -> optax.Gra
     )
 
 
+class StepResult(NamedTuple):
+    variables: PyTree
+    opt_state: PyTree
+    loss: jax.Array  # data loss of this batch
+    projected: jax.Array  # number of projected tensors (SPMC), 0 otherwise
+
+
+def make_client_step(
+    model: nn.Module,
+    transform: Callable[[jax.Array, jax.Array], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    data_attack: DataAttack | None = None,
+    spmc: SpmcClientOptions | None = None,
+) -> Callable[..., StepResult]:
+    """Build ONE local SGD step `step(variables, opt_state, teacher, data, task, attack_on,
+    perm, key, s) -> StepResult` of one client: batch `s` of the epoch order `perm`.
+
+    `make_local_train` scans it; `benchmarks/round_throughput.py` also jits it alone for its
+    sequential per-step baseline (the shape of a PyTorch training loop). Arguments as in
+    `make_local_train`; `key` is the epoch's step key (per-step keys are folded from it).
+    """
+
+    def forward(variables: PyTree, x: jax.Array):
+        if "batch_stats" in variables:
+            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits, upd["batch_stats"]
+        return model.apply(variables, x, train=True), None
+
+    def step(
+        variables: PyTree,
+        opt_state: PyTree,
+        teacher: PyTree,
+        data: ClientData,
+        task: ClientTask,
+        attack_on: jax.Array,
+        perm: jax.Array,
+        key: jax.Array,
+        s: jax.Array,
+    ) -> StepResult:
+        k_aug, k_att = jax.random.split(jax.random.fold_in(key, s))
+        sel = task.idx[jax.lax.dynamic_slice(perm, (s * batch_size,), (batch_size,))]
+        x = transform(k_aug, data.x[sel])
+        y = data.y[sel]
+        if data_attack is not None:
+            flags = data.poison[sel] & task.malicious & attack_on
+            x, y = data_attack.apply(x, y, flags, task.rank, k_att)
+
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def student(p):
+            return forward({**rest, "params": p}, x)
+
+        logits, vjp_fn, new_stats = jax.vjp(student, variables["params"], has_aux=True)
+        probs = jax.nn.softmax(logits)
+        onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+        loss = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
+        (g,) = vjp_fn((probs - onehot) / batch_size)
+        n_proj = jnp.zeros((), jnp.float32)
+        if spmc is not None:
+            from spmc_jax.spmc import project, project_stats
+
+            lam = jnp.where(task.malicious & spmc.attackers_skip, 0.0, spmc.lam)
+            # Teacher in train mode (BatchNorm on batch statistics), never updated.
+            t_logits, _ = forward(teacher, x)
+            t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
+            (g_guide,) = vjp_fn((probs - t_probs) / batch_size)
+            n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam > 0)
+            g = project(g, g_guide, lam)
+        updates, new_opt = optimizer.update(g, opt_state, variables["params"])
+        new_vars = dict(variables)
+        new_vars["params"] = optax.apply_updates(variables["params"], updates)
+        if new_stats is not None:
+            new_vars["batch_stats"] = new_stats
+        return StepResult(new_vars, new_opt, loss, n_proj)
+
+    return step
+
+
+def epoch_order(task: ClientTask, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(perm, step_key) of local epoch `e`: a fresh random order of the client's valid
+    samples first, padding last (SubsetRandomSampler), and the key its steps fold from."""
+    k_perm, k_steps = jax.random.split(jax.random.fold_in(task.key, e))
+    valid = jnp.arange(task.idx.shape[0]) < task.size
+    perm = jnp.argsort(jnp.where(valid, jax.random.uniform(k_perm, valid.shape), 2.0))
+    return perm, k_steps
+
+
 def make_local_train(
     model: nn.Module,
     transform: Callable[[jax.Array, jax.Array], jax.Array],
@@ -120,75 +209,34 @@ def make_local_train(
             f"steps_per_epoch={steps_per_epoch}: every client needs at least one full batch of "
             f"{batch_size}"
         )
-
-    def forward(variables: PyTree, x: jax.Array):
-        if "batch_stats" in variables:
-            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            return logits, upd["batch_stats"]
-        return model.apply(variables, x, train=True), None
+    one_step = make_client_step(
+        model, transform, optimizer, batch_size=batch_size, data_attack=data_attack, spmc=spmc
+    )
 
     def local_train(
         variables: PyTree, teacher: PyTree, data: ClientData, task: ClientTask, attack_on: jax.Array
     ) -> LocalResult:
-        params = variables["params"]
-        opt_state = optimizer.init(params)
+        opt_state = optimizer.init(variables["params"])
         n_batches = task.size // batch_size
-        valid = jnp.arange(task.idx.shape[0]) < task.size
-        if spmc is not None:
-            from spmc_jax.spmc import project, project_stats
-
-            lam = jnp.where(task.malicious & spmc.attackers_skip, 0.0, spmc.lam)
 
         def step(carry, s, perm, key):
             variables, opt_state, loss_sum, proj_sum = carry
             active = s < n_batches
-            k_aug, k_att = jax.random.split(jax.random.fold_in(key, s))
-            sel = task.idx[jax.lax.dynamic_slice(perm, (s * batch_size,), (batch_size,))]
-            x = transform(k_aug, data.x[sel])
-            y = data.y[sel]
-            if data_attack is not None:
-                flags = data.poison[sel] & task.malicious & attack_on
-                x, y = data_attack.apply(x, y, flags, task.rank, k_att)
-
-            rest = {k: v for k, v in variables.items() if k != "params"}
-
-            def student(p):
-                return forward({**rest, "params": p}, x)
-
-            logits, vjp_fn, new_stats = jax.vjp(student, variables["params"], has_aux=True)
-            probs = jax.nn.softmax(logits)
-            onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
-            loss = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
-            (g,) = vjp_fn((probs - onehot) / batch_size)
-            n_proj = jnp.zeros((), jnp.float32)
-            if spmc is not None:
-                # Teacher in train mode (BatchNorm on batch statistics), never updated.
-                t_logits, _ = forward(teacher, x)
-                t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
-                (g_guide,) = vjp_fn((probs - t_probs) / batch_size)
-                n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam > 0)
-                g = project(g, g_guide, lam)
-            updates, new_opt = optimizer.update(g, opt_state, variables["params"])
-            new_vars = dict(variables)
-            new_vars["params"] = optax.apply_updates(variables["params"], updates)
-            if new_stats is not None:
-                new_vars["batch_stats"] = new_stats
+            out = one_step(variables, opt_state, teacher, data, task, attack_on, perm, key, s)
 
             def keep(new, old):
                 return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
 
             carry = (
-                keep(new_vars, variables),
-                keep(new_opt, opt_state),
-                loss_sum + jnp.where(active, loss, 0.0),
-                proj_sum + jnp.where(active, n_proj, 0.0),
+                keep(out.variables, variables),
+                keep(out.opt_state, opt_state),
+                loss_sum + jnp.where(active, out.loss, 0.0),
+                proj_sum + jnp.where(active, out.projected, 0.0),
             )
             return carry, None
 
         def epoch(carry, e):
-            k_perm, k_steps = jax.random.split(jax.random.fold_in(task.key, e))
-            # A fresh random order of the valid samples first, padding last.
-            perm = jnp.argsort(jnp.where(valid, jax.random.uniform(k_perm, valid.shape), 2.0))
+            perm, k_steps = epoch_order(task, e)
             carry, _ = jax.lax.scan(
                 lambda c, s: step(c, s, perm, k_steps), carry, jnp.arange(steps_per_epoch)
             )

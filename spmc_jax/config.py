@@ -16,6 +16,7 @@ PARTITIONS = ("dirichlet", "iid")
 PROTOCOLS = ("paper", "fair")
 CONV_IMPLS = ("auto", "lax", "patches")
 SPMC_SPACES = ("weights", "updates")
+SPMC_TEACHERS = ("last_round", "all")
 ATTACKER_IDS = ("last", "random")
 
 # Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
@@ -79,6 +80,7 @@ class Config:
     spmc_lambda: float = 1.0
     spmc_temperature: float = 1.0
     spmc_space: str = "weights"
+    spmc_teachers: str = "last_round"
     projection: bool = True
     server_weighting: bool = True
     # execution
@@ -176,6 +178,7 @@ class Config:
         choice("protocol", self.protocol, PROTOCOLS)
         choice("conv_impl", self.conv_impl, CONV_IMPLS)
         choice("spmc_space", self.spmc_space, SPMC_SPACES)
+        choice("spmc_teachers", self.spmc_teachers, SPMC_TEACHERS)
         choice("attacker_ids", self.attacker_ids, ATTACKER_IDS)
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"--gamma must be in [0, 1), got {self.gamma}")

@@ -34,6 +34,7 @@ from spmc_jax.client import (
     ClientData,
     ClientTask,
     SpmcClientOptions,
+    make_client_step,
     make_local_train,
     make_optimizer,
 )
@@ -149,7 +150,7 @@ def estimate_memory(
     per_client = 4 * ((5 + 2 * spmc) * dim + 3 * act_floats * cfg.batch_size * (1 + spmc))
     in_flight = per_client * min(chunk, n)
     matrices = 4 * dim * n * 3
-    teachers = 4 * dim * cfg.clients if spmc else 0
+    teachers = 4 * dim * (cfg.clients if cfg.spmc_teachers == "all" else n) if spmc else 0
     data = n_train_pixels + 10_000 * 32 * 32 * 3
     total = in_flight + matrices + teachers + data
     return {
@@ -208,6 +209,22 @@ def choose_client_chunk(
             f"but the budget is {budget / 2**30:.1f} GiB; --client-chunk {lo} would fit"
         )
     return lo
+
+
+def preferred_client_chunk(cfg: Config) -> int | None:
+    """The chunk a run uses when `--client-chunk` is not given and memory is no limit.
+
+    On one CPU device: 1 (clients one after another under `lax.map`, inside the same jitted
+    round). A single client's batch-64 step already keeps every core busy there, and a vmap
+    over clients only multiplies the im2col buffers that fall out of cache (measured in
+    benchmarks/RESULTS.md: ~1.5-2x slower than chunk 1 on 2 cores). Elsewhere (GPU, TPU,
+    several devices): None, every participant vmapped at once.
+    """
+    if cfg.client_chunk is not None or jax.default_backend() != "cpu":
+        return None
+    if sharding_lib.resolve_device_count(cfg.devices, cfg.n_per_round) > 1:
+        return None
+    return 1
 
 
 def device_memory_bytes() -> float | None:
@@ -346,6 +363,9 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
     try:
         chunk = choose_client_chunk(cfg, flat.dim, act, data_bytes, budget)
         fits = True
+        preferred = preferred_client_chunk(cfg)
+        if preferred is not None and (chunk is None or preferred < chunk):
+            chunk = preferred
     except ValueError as err:
         if cfg.client_chunk is not None and "would fit" in str(err):
             raise
@@ -410,7 +430,8 @@ class RunState(NamedTuple):
 
     global_flat: jax.Array  # (d,)
     agg_state: PyTree
-    teachers: jax.Array  # (N, d) for SPMC clients, (1, 1) otherwise
+    teachers: jax.Array  # SPMC clients: (N, d) or (m, d) (`Config.spmc_teachers`); else (1, 1)
+    teacher_ids: jax.Array  # sorted client ids of the `teachers` rows (-1: none yet)
     key: jax.Array
 
 
@@ -506,6 +527,15 @@ class Simulation:
             data_attack=self.data_attack,
             spmc=spmc_opts,
             **common,
+        )
+        # One SGD step of one client, the piece `local_train` scans (benchmarks time it alone).
+        self.client_step = make_client_step(
+            self.model,
+            self.train_transform,
+            tx,
+            batch_size=cfg.batch_size,
+            data_attack=self.data_attack,
+            spmc=spmc_opts,
         )
         n_proxy = len(plan.proxy_indices)
         self._proxy_steps = max(n_proxy // cfg.batch_size, 1)
@@ -619,14 +649,27 @@ class Simulation:
 
     def init_state(self) -> RunState:
         agg = self.aggregator(None)
-        if self.cfg.uses_spmc_client:
+        if not self.cfg.uses_spmc_client:
+            teachers, ids = jnp.zeros((1, 1), jnp.float32), jnp.full((1,), -1, jnp.int32)
+        elif self.cfg.spmc_teachers == "all":
             # Round-0 teachers: the initial model (§3.1).
             teachers = jnp.broadcast_to(self.init_flat, (self.N, self.flat.dim))
+            ids = jnp.arange(self.N, dtype=jnp.int32)
         else:
-            teachers = jnp.zeros((1, 1), jnp.float32)
+            # No participants yet: every client's teacher is the global (= initial) model.
+            teachers = jnp.zeros((self.n, self.flat.dim), jnp.float32)
+            ids = jnp.full((self.n,), -1, jnp.int32)
         return self._place(
-            RunState(self.init_flat, agg.init(self.init_flat), teachers, self.round_key)
+            RunState(self.init_flat, agg.init(self.init_flat), teachers, ids, self.round_key)
         )
+
+    def _lookup_teachers(self, state: RunState, ids: jax.Array) -> jax.Array:
+        """Teacher rows of the participants `ids`: the stored marginal model where the client
+        has one, else the global model (its marginal contribution is 0: α_i = 0 gives T_i = g,
+        spmc_reference.md §3.1)."""
+        pos = jnp.clip(jnp.searchsorted(state.teacher_ids, ids), 0, state.teacher_ids.shape[0] - 1)
+        hit = state.teacher_ids[pos] == ids
+        return jnp.where(hit[:, None], state.teachers[pos], state.global_flat[None, :])
 
     def _attack_active(self, r: jax.Array) -> jax.Array:
         return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
@@ -650,7 +693,7 @@ class Simulation:
             out = self.local_train(variables, teacher, data.train, task, attack_on)
             return self.flat.ravel(out.variables), out.loss, out.projected
 
-        teachers = state.teachers[ids] if spmc else jnp.zeros((self.n, 1), jnp.float32)
+        teachers = self._lookup_teachers(state, ids) if spmc else jnp.zeros((self.n, 1))
         xs = (
             data.idx[ids],
             data.sizes[ids],
@@ -665,7 +708,8 @@ class Simulation:
             # over the mesh; the aggregation after it is left to sharding propagation.
             xs = sharding_lib.shard_clients(xs, self.mesh)
             return sharding_lib.shard_clients(jax.vmap(one)(xs), self.mesh)
-        return jax.lax.map(one, xs, batch_size=chunk)
+        # chunk 1: a plain scan over clients (batch_size=1 would add a size-1 vmap axis).
+        return jax.lax.map(one, xs) if chunk == 1 else jax.lax.map(one, xs, batch_size=chunk)
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
         key = jax.random.fold_in(state.key, r)
@@ -690,12 +734,16 @@ class Simulation:
             client_ids=ids,
         )
         new_global, agg_state, info = self.aggregator(data).aggregate(W, state.agg_state, ctx)
-        teachers = state.teachers
+        teachers, teacher_ids = state.teachers, state.teacher_ids
         if self.cfg.uses_spmc_client:
             t = spmc_lib.teachers(new_global, W, info.client_weights)
-            teachers = teachers.at[ids].set(t)
+            if self.cfg.spmc_teachers == "all":
+                teachers = teachers.at[ids].set(t)
+            else:
+                teachers, teacher_ids = t, ids
         out = RoundOut(ids, info.client_weights, loss, projected, jnp.sum(~valid))
-        return RunState(new_global, agg_state, teachers, state.key), out
+        new_state = RunState(new_global, agg_state, teachers, teacher_ids, state.key)
+        return new_state, out
 
     def _run_rounds(self, state: RunState, data: SimData, count: int, start: jax.Array):
         return jax.lax.scan(lambda s, r: self._round(s, data, r), state, start + jnp.arange(count))

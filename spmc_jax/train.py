@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spmc_jax.config import CONV_IMPLS, DATASETS, MODELS, PARTITIONS, PROTOCOLS, SPMC_SPACES, Config
+from spmc_jax.config import (
+    CONV_IMPLS,
+    DATASETS,
+    MODELS,
+    PARTITIONS,
+    PROTOCOLS,
+    SPMC_SPACES,
+    SPMC_TEACHERS,
+    Config,
+)
 from spmc_jax.registry import parse_kv
 
 DEFAULTS = Config()
@@ -141,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{'/'.join(SPMC_SPACES)}: compare full weights (reference) or updates",
     )
     s.add_argument(
+        "--spmc-teachers",
+        default=DEFAULTS.spmc_teachers,
+        help=(
+            f"{'/'.join(SPMC_TEACHERS)}: marginal teachers kept for last round's participants "
+            "only (others learn from the global model; O(m*d) memory) or for every registered "
+            "client from its last participation (O(N*d)); the same under full participation"
+        ),
+    )
+    s.add_argument(
         "--no-projection",
         action="store_true",
         help="SPMC ablation: server part only (clients plain SGD)",
@@ -217,6 +235,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         spmc_lambda=args.spmc_lambda,
         spmc_temperature=args.spmc_temperature,
         spmc_space=args.spmc_space,
+        spmc_teachers=args.spmc_teachers,
         projection=not args.no_projection,
         server_weighting=not args.no_server_weighting,
         eval_every=args.eval_every,

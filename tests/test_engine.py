@@ -72,8 +72,11 @@ def test_partial_participation_samples_m_of_n(blobs):
 
 def test_chunked_client_axis_equals_vmapped(blobs):
     base = Config(defense="fedavg", **{**TINY, "rounds": 1})
-    a = _history(base, blobs)
-    b = _history(base.replace(client_chunk=3), blobs)
+    a = _history(base.replace(client_chunk=4), blobs)  # all 4 vmapped at once
+    b = _history(base.replace(client_chunk=3), blobs)  # lax.map over chunks (4 = 3 + 1 pad)
+    c = _history(base, blobs)  # CPU default: one client at a time
+    assert a[0]["A"] == pytest.approx(c[0]["A"], abs=1e-6)
+    np.testing.assert_allclose(a[0]["loss"], c[0]["loss"], rtol=1e-5)
     assert a[0]["A"] == pytest.approx(b[0]["A"], abs=1e-6)
     np.testing.assert_allclose(a[0]["loss"], b[0]["loss"], rtol=1e-5)
 

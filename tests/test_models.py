@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from spmc_jax.flat import Flattener
 from spmc_jax.models import get_model
-from spmc_jax.models.layers import conv2d
+from spmc_jax.models.layers import conv2d, max_pool
 
 
 def _init(name, impl="lax"):
@@ -84,3 +85,25 @@ def test_flattener_roundtrip_and_param_mask():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="accepted: simple_cnn"):
         get_model("vgg")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_matches_reduce_window_values_and_tie_gradients(shape):
+    # Small integers: many exact ties inside windows, the case where conventions differ.
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randint(0, 3, shape).astype(np.float32))
+    oh, ow = shape[1] // 2, shape[2] // 2
+    g = jnp.asarray(rng.randn(shape[0], oh, ow, shape[3]).astype(np.float32))
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    y, vjp = jax.vjp(max_pool, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
+    # Hand rule: each window's gradient lands on its first maximum (row-major).
+    xn, gn = np.asarray(x), np.asarray(g)
+    want = np.zeros_like(xn)
+    for b, i, j, c in np.ndindex(shape[0], oh, ow, shape[3]):
+        win = xn[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, c].reshape(-1)
+        k = int(np.argmax(win))
+        want[b, 2 * i + k // 2, 2 * j + k % 2, c] = gn[b, i, j, c]
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), want)

@@ -15,7 +15,7 @@ TINY = dict(rounds=1, local_epochs=1, batch_size=16, gamma=0.25, eval_batch=150)
 
 
 def test_partial_participation_updates_only_sampled_teachers(blobs):
-    cfg = Config(defense="spmc", clients=8, clients_per_round=3, **TINY)
+    cfg = Config(defense="spmc", clients=8, clients_per_round=3, spmc_teachers="all", **TINY)
     sim = Simulation(cfg, blobs)
     state = sim.init_state()
     assert state.teachers.shape == (8, sim.flat.dim)  # kept for all N registered clients
@@ -27,6 +27,38 @@ def test_partial_participation_updates_only_sampled_teachers(blobs):
     # Exactly the sampled rows moved; every other client's persistent state is untouched.
     np.testing.assert_array_equal(changed, np.sort(ids))
     assert out.loss.shape == (1, 3)
+
+
+def test_last_round_teachers_keep_m_rows_and_fall_back_to_the_global_model(blobs):
+    cfg = Config(defense="spmc", clients=8, clients_per_round=3, **TINY)
+    assert cfg.spmc_teachers == "last_round"
+    sim = Simulation(cfg, blobs)
+    state = sim.init_state()
+    assert state.teachers.shape == (3, sim.flat.dim)  # O(m·d), not O(N·d)
+    # Round 0: nobody has a teacher yet → the initial (global) model for everyone.
+    got = np.asarray(sim._lookup_teachers(state, jnp.arange(3, dtype=jnp.int32)))
+    np.testing.assert_array_equal(got, np.broadcast_to(np.asarray(state.global_flat), got.shape))
+    new, out = sim.run_rounds(state, sim.data, 1, jnp.asarray(0, jnp.int32))
+    ids = np.asarray(out.client_ids[0])
+    np.testing.assert_array_equal(np.asarray(new.teacher_ids), ids)
+    # Next round: last round's participants get their marginal models, the rest the global.
+    probe = np.arange(8, dtype=np.int32)
+    got = np.asarray(sim._lookup_teachers(new, jnp.asarray(probe)))
+    for i in probe:
+        hit = np.flatnonzero(ids == i)
+        want = np.asarray(new.teachers)[hit[0]] if hit.size else np.asarray(new.global_flat)
+        np.testing.assert_array_equal(got[i], want)
+
+
+def test_teacher_modes_agree_under_full_participation(blobs):
+    cfg = Config(defense="spmc", clients=4, **{**TINY, "rounds": 2})
+    runs = []
+    for mode in ("last_round", "all"):
+        sim = Simulation(cfg.replace(spmc_teachers=mode), blobs)
+        state, _ = sim.run_rounds(sim.init_state(), sim.data, 2, jnp.asarray(0, jnp.int32))
+        runs.append(np.asarray(state.global_flat))
+    # Same rows, same arithmetic: identical, not merely close.
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_auto_chunk_picks_the_largest_fitting_chunk():
@@ -42,8 +74,16 @@ def test_auto_chunk_picks_the_largest_fitting_chunk():
         choose_client_chunk(cfg, dim, act, data, budget=1.0)
 
 
+def test_cpu_prefers_one_client_at_a_time_unless_told(blobs):
+    cfg = Config(defense="fedavg", clients=4, **TINY)
+    assert make_plan(cfg, blobs).client_chunk == 1  # this suite runs on one CPU device
+    assert make_plan(cfg.replace(client_chunk=4), blobs).client_chunk == 4  # = vmap all
+
+
 def test_plan_records_auto_chunk_and_chunked_run_matches(blobs, monkeypatch):
     cfg = Config(defense="fedavg", clients=4, **TINY)
+    # Accelerator behaviour: no preferred chunk, vmap everything that fits.
+    monkeypatch.setattr(engine, "preferred_client_chunk", lambda cfg: None)
     full = make_plan(cfg, blobs)
     assert full.client_chunk is None and full.memory["fits"] == 1.0
     # Pretend the device only holds a run with 2 clients in flight.
@@ -53,7 +93,7 @@ def test_plan_records_auto_chunk_and_chunked_run_matches(blobs, monkeypatch):
     assert plan.client_chunk == 2
     a = engine.run(cfg, blobs).history  # planned again inside: chunk 2
     monkeypatch.undo()
-    b = engine.run(cfg, blobs).history
+    b = engine.run(cfg.replace(client_chunk=4), blobs).history  # one vmap over all 4
     # lax.map over chunks vs one vmap: same per-client programs, float32-equal losses.
     np.testing.assert_allclose(a[0]["loss"], b[0]["loss"], rtol=1e-5)
 

@@ -6,13 +6,22 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
 
 `conv_impl`:
   * "lax": `lax.conv_general_dilated` (fastest for one model on GPU).
-  * "patches": im2col as kh·kw shifted slices, then one matmul. Numerically the same
-    contraction (up to float32 summation order); under `vmap` over clients it lowers to a
-    batched matmul instead of a grouped convolution, which XLA:CPU runs far faster.
+  * "patches": row-wise im2col (the kw shifted column slices concatenated on the channel
+    axis), then one matmul per kernel row, summed. Numerically the same contraction (up to
+    float32 summation order); under `vmap` over clients it lowers to batched matmuls instead
+    of a grouped convolution, and XLA:CPU runs it inside `lax.scan` at full speed (its
+    `lax.conv` runs ~10× slower in a while-loop body). Row-wise rather than full im2col:
+    XLA:CPU copies a last-axis concatenate in C-element pieces, and the full kh·kw-way
+    concatenate was the slowest op of the whole client step (benchmarks/RESULTS.md).
+
+`max_pool` is reshape + max with a custom gradient that routes each window's gradient to
+its first maximum (row-major), exactly what `reduce_window`'s select-and-scatter and
+PyTorch's MaxPool2d do; it runs ~25 % faster than `reduce_window` on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -56,19 +65,15 @@ def conv2d(
     _, h, w, _ = x.shape
     oh = (h - kh) // stride + 1
     ow = (w - kw) // stride + 1
-    if kh == kw == 1:
-        cols = x[:, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride, :]
-        return cols @ kernel.reshape(cin, cout)
-    # (B, oh, ow, kh*kw*cin) in HWI order, matching kernel.reshape(kh*kw*cin, cout).
-    cols = jnp.concatenate(
-        [
-            x[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
-            for i in range(kh)
-            for j in range(kw)
-        ],
-        axis=-1,
-    )
-    return cols @ kernel.reshape(kh * kw * cin, cout)
+    span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    # (B, h, ow, kw*cin) in (kw, cin) order, matching kernel[i].reshape(kw*cin, cout).
+    cols = jnp.concatenate([x[:, :, j : j + span_w : stride, :] for j in range(kw)], axis=-1)
+    out = None
+    for i in range(kh):
+        term = cols[:, i : i + span_h : stride] @ kernel[i].reshape(kw * cin, cout)
+        out = term if out is None else out + term
+    assert out is not None
+    return out
 
 
 class Conv(nn.Module):
@@ -110,8 +115,46 @@ class Dense(nn.Module):
 
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
-    """Non-overlapping max pooling (PyTorch MaxPool2d(2))."""
-    return nn.max_pool(x, (window, window), strides=(window, window))
+    """Non-overlapping max pooling (PyTorch MaxPool2d(window): floor, no padding), NHWC.
+
+    The gradient goes to each window's first maximum in row-major order (PyTorch's and
+    `reduce_window`'s convention); plain `jnp.max` would split it among ties, which matter
+    here: zero-padded crop borders give equal activations over whole windows.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = h // window, w // window
+    if (oh * window, ow * window) != (h, w):
+        x = x[:, : oh * window, : ow * window]
+    return _window_max(x, window)
+
+
+def _windows(x: jax.Array, window: int) -> jax.Array:
+    """(B, H, W, C) → (B, H/w, W/w, w·w, C), window elements in row-major order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // window, w // window, window**2, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _window_max(x: jax.Array, window: int) -> jax.Array:
+    b, h, w, c = x.shape
+    return x.reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
+
+
+def _window_max_fwd(x: jax.Array, window: int):
+    return _window_max(x, window), x
+
+
+def _window_max_bwd(window: int, x: jax.Array, g: jax.Array):
+    b, h, w, c = x.shape
+    first = jnp.argmax(_windows(x, window), axis=3)  # (B, H/w, W/w, C)
+    hit = jnp.arange(window**2)[:, None] == first[:, :, :, None, :]
+    dx = jnp.where(hit, g[:, :, :, None, :], jnp.zeros((), g.dtype))
+    dx = dx.reshape(b, h // window, w // window, window, window, c)
+    return (dx.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c),)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 def flatten_chw(x: jax.Array) -> jax.Array:
