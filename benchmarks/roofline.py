@@ -55,7 +55,7 @@ sys.path.insert(0, _HERE)
 
 from round_throughput import environment, synthetic_dataset  # noqa: E402
 
-from spmc_jax.client import ClientTask, epoch_order  # noqa: E402
+from spmc_jax.client import ClientData, ClientTask, epoch_order  # noqa: E402
 from spmc_jax.config import Config  # noqa: E402
 from spmc_jax.engine import Simulation  # noqa: E402
 
@@ -186,6 +186,7 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
     steps = plan.steps_per_epoch * plan.epochs
     client_steps = sim.n * steps
     state, data = sim.init_state(), sim.data
+    train = ClientData(*(a[0] for a in data.train))  # one device: block 0 = every client
     r0 = jnp.asarray(0, jnp.int32)
     variables = sim.flat.unravel(state.global_flat)
     opt_state = sim._tx.init(variables["params"])
@@ -200,7 +201,7 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
     t0 = time.perf_counter()
     step_c = (
         jax.jit(sim.client_step)
-        .lower(variables, opt_state, teacher, data.train, task, attack_on, perm, step_key, s_idx[0])
+        .lower(variables, opt_state, teacher, train, task, attack_on, perm, step_key, s_idx[0])
         .compile()
     )
     compile_step = time.perf_counter() - t0
@@ -210,7 +211,7 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
         v, opt = variables, opt_state
         for i in range(chain):
             out = step_c(
-                v, opt, teacher, data.train, task, attack_on, perm, step_key, s_idx[i % len(s_idx)]
+                v, opt, teacher, train, task, attack_on, perm, step_key, s_idx[i % len(s_idx)]
             )
             v, opt = out.variables, out.opt_state
         return v
@@ -220,12 +221,10 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
 
     # (a') one client's local training (lax.scan over its steps).
     t0 = time.perf_counter()
-    local_c = (
-        jax.jit(sim.local_train).lower(variables, teacher, data.train, task, attack_on).compile()
-    )
+    local_c = jax.jit(sim.local_train).lower(variables, teacher, train, task, attack_on).compile()
     compile_local = time.perf_counter() - t0
     t_local = _median_time(
-        lambda: local_c(variables, teacher, data.train, task, attack_on).loss, args.repeats
+        lambda: local_c(variables, teacher, train, task, attack_on).loss, args.repeats
     )
 
     # (b) one engine round (count=1 is static: the compiled call takes the other three args).

@@ -15,6 +15,7 @@ MODELS = ("simple_cnn", "resnet10", "mlp")
 PARTITIONS = ("dirichlet", "iid")
 PROTOCOLS = ("paper", "fair")
 CONV_IMPLS = ("auto", "lax", "patches")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # = models.precision.COMPUTE_DTYPES (no jax here)
 SPMC_SPACES = ("weights", "updates")
 SPMC_TEACHERS = ("last_round", "all")
 ATTACKER_IDS = ("last", "random")
@@ -64,6 +65,7 @@ class Config:
     weight_decay: float = 1e-5
     model: str = "simple_cnn"
     conv_impl: str = "auto"
+    compute_dtype: str = "float32"
     seed: int = 0
     # threat model
     gamma: float = 0.2
@@ -177,6 +179,7 @@ class Config:
         choice("partition", self.partition, PARTITIONS)
         choice("protocol", self.protocol, PROTOCOLS)
         choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         choice("spmc_space", self.spmc_space, SPMC_SPACES)
         choice("spmc_teachers", self.spmc_teachers, SPMC_TEACHERS)
         choice("attacker_ids", self.attacker_ids, ATTACKER_IDS)

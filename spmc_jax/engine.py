@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from spmc_jax import sharding as sharding_lib
 from spmc_jax import spmc as spmc_lib
@@ -222,7 +223,7 @@ def preferred_client_chunk(cfg: Config) -> int | None:
     """
     if cfg.client_chunk is not None or jax.default_backend() != "cpu":
         return None
-    if sharding_lib.resolve_device_count(cfg.devices, cfg.n_per_round) > 1:
+    if sharding_lib.resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients)) > 1:
         return None
     return 1
 
@@ -352,7 +353,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
             malicious[np.random.RandomState(cfg.seed + 7).choice(cfg.clients, m, replace=False)] = (
                 True
             )
-    model = get_model(cfg.model, ds.num_classes, resolve_conv_impl(cfg))
+    model = get_model(cfg.model, ds.num_classes, resolve_conv_impl(cfg), cfg.compute_dtype)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
     flat = Flattener.build(variables)
     # On device the images are 32×32×3 uint8 (MNIST is resized once).
@@ -406,23 +407,59 @@ def _resized(x: np.ndarray, chunk: int = 8192) -> jax.Array:
     The reference resizes before any random op, so resizing the whole set once is the same
     as resizing every batch (and the transforms skip the resize for 32×32 input).
     """
-    if x.shape[1:3] == INPUT_SHAPE[:2]:
-        return jnp.asarray(x)
+    if x.shape[1:3] == INPUT_SHAPE[:2] or len(x) == 0:
+        return jnp.asarray(x).reshape(len(x), *INPUT_SHAPE[:2], x.shape[-1])
     parts = [_resize(jnp.asarray(x[i : i + chunk])) for i in range(0, len(x), chunk)]
     return jnp.concatenate(parts)
 
 
 class SimData(NamedTuple):
-    """Device arrays the jitted round reads (arguments, not constants)."""
+    """Device arrays the jitted round reads (arguments, not constants).
 
-    train: ClientData
-    idx: jax.Array  # (N, max_samples) int32
+    Registered clients are split into D contiguous blocks, one per device of the client mesh
+    (D = 1 without one). `train` holds, for each block, only the images its clients use
+    (`client_blocks`), with the block axis sharded over the mesh: each device, and so each
+    host, stores just its own clients' data; `idx` indexes into the client's block.
+    """
+
+    train: ClientData  # (D, U, ...) per-block images / labels / poison flags
+    idx: jax.Array  # (N, max_samples) int32 indices into the client's block
     sizes: jax.Array  # (N,) int32
     malicious: jax.Array  # (N,) bool
     rank: jax.Array  # (N,) int32
-    proxy_idx: jax.Array  # (P,) int32 (may be empty)
+    proxy: ClientData  # (P, ...) the server's proxy set (may be empty), replicated
     x_test: jax.Array
     y_test: jax.Array
+
+
+def client_blocks(
+    indices: np.ndarray, sizes: np.ndarray, n_blocks: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Split clients into `n_blocks` contiguous blocks and re-index their samples per block.
+
+    Args:
+      indices: (N, S) padded global sample indices (`PaddedPartition.indices`).
+      sizes: (N,) valid entries per row.
+      n_blocks: D, dividing N.
+
+    Returns:
+      (local, members): `members[p]` the sorted global ids of every sample used by block
+      p's clients; `local` (N, S) int32 with `members[p][local[c, k]] == indices[c, k]` for
+      the valid entries of client c in block p (padding entries 0).
+    """
+    n, s = indices.shape
+    if n % n_blocks:
+        raise ValueError(f"{n} clients do not split into {n_blocks} equal blocks")
+    per = n // n_blocks
+    local = np.zeros((n, s), np.int32)
+    members = []
+    for p in range(n_blocks):
+        rows = slice(p * per, (p + 1) * per)
+        valid = np.arange(s)[None, :] < sizes[rows, None]
+        u = np.unique(indices[rows][valid])
+        members.append(u)
+        local[rows] = np.where(valid, np.searchsorted(u, indices[rows]), 0)
+    return local, members
 
 
 class RunState(NamedTuple):
@@ -454,10 +491,10 @@ class _Proxy:
 
     def loss_entropy(self, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
         d = self.data
-        x = self.sim.test_transform(d.train.x[d.proxy_idx])
+        x = self.sim.test_transform(d.proxy.x)
         logits = self.sim.predict(flat, x)
         logp = jax.nn.log_softmax(logits)
-        loss = -jnp.mean(jnp.take_along_axis(logp, d.train.y[d.proxy_idx][:, None], 1))
+        loss = -jnp.mean(jnp.take_along_axis(logp, d.proxy.y[:, None], 1))
         ent = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, -1))
         return loss, ent
 
@@ -475,7 +512,7 @@ class Simulation:
         self.ds = ds
         plan = self.plan
         self.conv_impl = resolve_conv_impl(cfg)
-        self.model = get_model(cfg.model, ds.num_classes, self.conv_impl)
+        self.model = get_model(cfg.model, ds.num_classes, self.conv_impl, cfg.compute_dtype)
         root = jax.random.key(cfg.seed)
         self.init_key, self.round_key = jax.random.split(root)
         variables = self.model.init(self.init_key, jnp.zeros((1, *INPUT_SHAPE)), train=False)
@@ -490,7 +527,8 @@ class Simulation:
                 f"--clients-per-round / --clients or add devices"
             )
         self.client_chunk = plan.client_chunk
-        n_dev = sharding_lib.resolve_device_count(cfg.devices, self.n)
+        # Devices must split both the participants and the registered clients evenly.
+        n_dev = sharding_lib.resolve_device_count(cfg.devices, math.gcd(self.n, self.N))
         self.mesh = sharding_lib.client_mesh(n_dev) if n_dev > 1 else None
 
         env = AttackEnv(
@@ -501,6 +539,7 @@ class Simulation:
             num_malicious=cfg.num_malicious,
             n_clients=self.n,
             lr=cfg.lr,
+            param_mask=self.flat.param_mask,
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
         probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
@@ -575,21 +614,59 @@ class Simulation:
         m_ids = np.flatnonzero(plan.malicious)
         rank = np.zeros(self.N, np.int32)
         rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
-        return self._place(
-            SimData(
-                train=ClientData(
-                    x=_resized(ds.x_train),
-                    y=jnp.asarray(ds.y_train, jnp.int32),
-                    poison=jnp.asarray(poison),
-                ),
-                idx=jnp.asarray(plan.partition.indices, jnp.int32),
+        n_blocks = 1 if self.mesh is None else self.mesh.size
+        local, members = client_blocks(plan.partition.indices, plan.partition.sizes, n_blocks)
+        self.block_members = members
+        proxy = np.asarray(plan.proxy_indices, np.int64)
+        replicated = self._place(
+            dict(
+                idx=jnp.asarray(local),
                 sizes=jnp.asarray(plan.partition.sizes, jnp.int32),
                 malicious=jnp.asarray(plan.malicious),
                 rank=jnp.asarray(rank),
-                proxy_idx=jnp.asarray(plan.proxy_indices, jnp.int32),
+                proxy=ClientData(
+                    x=_resized(ds.x_train[proxy]),
+                    y=jnp.asarray(ds.y_train[proxy], jnp.int32),
+                    poison=jnp.zeros(len(proxy), bool),
+                ),
                 x_test=_resized(ds.x_test),
                 y_test=jnp.asarray(ds.y_test, jnp.int32),
             )
+        )
+        return SimData(train=self._block_data(members, poison), **replicated)
+
+    def _block_data(self, members: list[np.ndarray], poison: np.ndarray) -> ClientData:
+        """(D, U, ...) train arrays, block p = the samples of block p's clients, padded to
+        the largest block. With a mesh, each host builds only its own devices' blocks."""
+        ds, width = self.ds, max(len(u) for u in members)
+
+        def block(field: str, p: int) -> np.ndarray:
+            u = members[p]
+            if field == "x":
+                v = np.asarray(_resized(ds.x_train[u]))
+            elif field == "y":
+                v = ds.y_train[u].astype(np.int32)
+            else:
+                v = poison[u]
+            pad = [(0, width - len(u))] + [(0, 0)] * (v.ndim - 1)
+            return np.pad(v, pad)
+
+        d = len(members)
+        if self.mesh is None:
+            return ClientData(*(jnp.asarray(block(f, 0)[None]) for f in ClientData._fields))
+        sharding = sharding_lib.client_sharding(self.mesh)
+        x_shape = (d, width, *INPUT_SHAPE[:2], ds.x_train.shape[-1])  # (F)MNIST: 1 channel
+
+        def build(field: str, shape: tuple[int, ...]) -> jax.Array:
+            # Called only for this process's devices: other hosts' images are never placed.
+            def cb(index):
+                blocks = range(d)[index[0]]
+                return np.stack([block(field, p) for p in blocks])
+
+            return jax.make_array_from_callback(shape, sharding, cb)
+
+        return ClientData(
+            x=build("x", x_shape), y=build("y", (d, width)), poison=build("poison", (d, width))
         )
 
     def _place(self, tree: PyTree) -> PyTree:
@@ -630,22 +707,24 @@ class Simulation:
                 epochs=epochs,
             )
         fn = self._proxy_train_fns[epochs]
+        n_proxy = data.proxy.y.shape[0]
         task = ClientTask(
-            idx=data.proxy_idx,
-            size=jnp.asarray(data.proxy_idx.shape[0], jnp.int32),
+            idx=jnp.arange(n_proxy, dtype=jnp.int32),
+            size=jnp.asarray(n_proxy, jnp.int32),
             malicious=jnp.asarray(False),
             rank=jnp.asarray(0, jnp.int32),
             key=key,
         )
         variables = self.flat.unravel(flat)
-        out = fn(variables, variables, data.train, task, jnp.asarray(False))
+        out = fn(variables, variables, data.proxy, task, jnp.asarray(False))
         return self.flat.ravel(out.variables)
 
     def aggregator(self, data: SimData | None):
         env = self.agg_env
         if data is not None:
             env = dataclasses.replace(env, proxy=_Proxy(self, data))
-        return get_aggregator(self.cfg.defense, env, **self.defense_opts)
+        # The round sanitised W already (and passes `valid`): skip the rule's own (n, d) pass.
+        return get_aggregator(self.cfg.defense, env, inputs_sanitized=True, **self.defense_opts)
 
     def init_state(self) -> RunState:
         agg = self.aggregator(None)
@@ -675,24 +754,27 @@ class Simulation:
         return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
 
     def _sample_clients(self, key: jax.Array) -> jax.Array:
+        """Sorted ids of this round's m participants, uniform without replacement; with a
+        D-device mesh, m/D from each device's block of N/D clients (stratified, so every
+        device trains only clients whose data it holds)."""
         if self.n == self.N:
             return jnp.arange(self.N, dtype=jnp.int32)
-        ids = jax.random.choice(key, self.N, (self.n,), replace=False)
-        return jnp.sort(ids).astype(jnp.int32)
+        d = 1 if self.mesh is None else self.mesh.size
+        if d == 1:
+            ids = jax.random.choice(key, self.N, (self.n,), replace=False)
+            return jnp.sort(ids).astype(jnp.int32)
+        per_n, per_m = self.N // d, self.n // d
+
+        def block(k, p):
+            return jnp.sort(jax.random.choice(k, per_n, (per_m,), replace=False)) + p * per_n
+
+        ids = jax.vmap(block)(jax.random.split(key, d), jnp.arange(d))
+        return ids.reshape(-1).astype(jnp.int32)
 
     def _train_clients(
         self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
     ):
-        variables = self.flat.unravel(state.global_flat)
         spmc = self.cfg.uses_spmc_client
-
-        def one(args):
-            idx, size, mal, rank, key, teacher_flat = args
-            teacher = self.flat.unravel(teacher_flat) if spmc else variables
-            task = ClientTask(idx, size, mal, rank, key)
-            out = self.local_train(variables, teacher, data.train, task, attack_on)
-            return self.flat.ravel(out.variables), out.loss, out.projected
-
         teachers = self._lookup_teachers(state, ids) if spmc else jnp.zeros((self.n, 1))
         xs = (
             data.idx[ids],
@@ -702,14 +784,39 @@ class Simulation:
             keys[ids],
             teachers,
         )
-        chunk = self.client_chunk
-        if chunk is None or chunk >= self.n:
-            # Many devices: split the participants' tasks (and so their training and W rows)
-            # over the mesh; the aggregation after it is left to sharding propagation.
-            xs = sharding_lib.shard_clients(xs, self.mesh)
-            return sharding_lib.shard_clients(jax.vmap(one)(xs), self.mesh)
-        # chunk 1: a plain scan over clients (batch_size=1 would add a size-1 vmap axis).
-        return jax.lax.map(one, xs) if chunk == 1 else jax.lax.map(one, xs, batch_size=chunk)
+
+        def train_block(block: ClientData, xs, global_flat, attack_on):
+            """This device's participants, on this device's block of the train set."""
+            variables = self.flat.unravel(global_flat)
+            train = ClientData(*(a[0] for a in block))
+
+            def one(args):
+                idx, size, mal, rank, key, teacher_flat = args
+                teacher = self.flat.unravel(teacher_flat) if spmc else variables
+                task = ClientTask(idx, size, mal, rank, key)
+                out = self.local_train(variables, teacher, train, task, attack_on)
+                return self.flat.ravel(out.variables), out.loss, out.projected
+
+            chunk = self.client_chunk
+            if chunk is None or chunk >= xs[0].shape[0]:
+                return jax.vmap(one)(xs)
+            # chunk 1: a plain scan over clients (batch_size=1 would add a size-1 vmap axis).
+            return jax.lax.map(one, xs) if chunk == 1 else jax.lax.map(one, xs, batch_size=chunk)
+
+        if self.mesh is None:
+            return train_block(data.train, xs, state.global_flat, attack_on)
+        # Many devices: each trains its own participants on its own data block; the client
+        # rows come out sharded and the aggregation after it is left to sharding propagation.
+        c, r = P(sharding_lib.CLIENT_AXIS), P()
+        return jax.shard_map(
+            train_block,
+            mesh=self.mesh,
+            in_specs=(c, c, r, r),
+            out_specs=c,
+            # No collectives inside: every device only reads its inputs. Without this, the
+            # scans' carries (start: the replicated global model) fail the varying-axes check.
+            check_vma=False,
+        )(data.train, xs, state.global_flat, attack_on)
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
         key = jax.random.fold_in(state.key, r)

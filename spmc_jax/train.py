@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from spmc_jax.config import (
+    COMPUTE_DTYPES,
     CONV_IMPLS,
     DATASETS,
     MODELS,
@@ -91,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--conv-impl",
         default=DEFAULTS.conv_impl,
         help=f"{'/'.join(CONV_IMPLS)}: auto = im2col patches on CPU, XLA conv elsewhere",
+    )
+    f.add_argument(
+        "--compute-dtype",
+        default=DEFAULTS.compute_dtype,
+        help=(
+            f"{'/'.join(COMPUTE_DTYPES)}: the model's arithmetic; bfloat16 keeps float32 master "
+            "weights, optimiser and aggregation (mixed precision; accuracy cost in "
+            "benchmarks/RESULTS.md)"
+        ),
     )
     f.add_argument("--seed", type=int, default=DEFAULTS.seed)
     a = p.add_argument_group("threat model")
@@ -236,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         spmc_temperature=args.spmc_temperature,
         spmc_space=args.spmc_space,
         spmc_teachers=args.spmc_teachers,
+        compute_dtype=args.compute_dtype,
         projection=not args.no_projection,
         server_weighting=not args.no_server_weighting,
         eval_every=args.eval_every,

@@ -116,3 +116,16 @@ def test_plan_rejects_clients_without_a_full_batch(blobs):
 def test_config_validation_names_the_bad_value(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Config(**kw).validate()
+
+
+def test_bfloat16_compute_runs_with_float32_state(blobs):
+    cfg = Config(defense="spmc", model="mlp", **{**TINY, "rounds": 1})
+    r32 = run(cfg, blobs)
+    r16 = run(cfg.replace(compute_dtype="bfloat16"), blobs)
+    g32, g16 = np.asarray(r32.state.global_flat), np.asarray(r16.state.global_flat)
+    assert g16.dtype == np.float32 and np.isfinite(g16).all()
+    # One round of bf16 arithmetic (relative rounding 2^-9 per op) moves the weights by a
+    # small fraction of the round's own update, not by anything comparable to it.
+    upd = np.abs(g32 - np.asarray(r32.sim.init_flat)).max()
+    assert np.abs(g16 - g32).max() < 0.25 * upd
+    assert r16.history[0]["A"] == pytest.approx(r32.history[0]["A"], abs=10.0)

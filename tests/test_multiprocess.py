@@ -42,7 +42,10 @@ WORKER = textwrap.dedent(
     flat = np.asarray(g.addressable_shards[0].data)
     print("RESULT" + json.dumps(dict(devices=len(jax.devices()), procs=jax.process_count(),
                                      mesh=None if sim.mesh is None else sim.mesh.size,
-                                     global_flat=flat.tolist(), A=res.history[0]["A"])))
+                                     global_flat=flat.tolist(), A=res.history[0]["A"],
+                                     blocks=[sh.index[0].start or 0
+                                             for sh in sim.data.train.x.addressable_shards],
+                                     pid=jax.process_index())))
     """
 )
 
@@ -97,6 +100,8 @@ def test_two_processes_equal_one(tmp_path):
     a = np.asarray(single["global_flat"])
     for r in pair:
         assert r["procs"] == 2 and r["devices"] == 2 and r["mesh"] == 2
+        # Each process holds only its own block of clients' training images.
+        assert r["blocks"] == [r["pid"]]
         # Cross-process all-reduce changes only float32 summation order: 1e-5 of the scale.
         np.testing.assert_allclose(
             np.asarray(r["global_flat"]), a, rtol=1e-4, atol=1e-5 * np.abs(a).max()

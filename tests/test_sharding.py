@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spmc_jax.engine import client_blocks
 from spmc_jax.sharding import initialize_distributed, resolve_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,20 @@ WORKER = textwrap.dedent(
                 weights=[h["client_weights"] for h in res.history],
                 A=[h["A"] for h in res.history],
             )
+    # Partial participation over 4 devices: 8 clients, 4 per round, one block per device.
+    cfg = Config(defense="spmc", model="mlp", clients=8, clients_per_round=4, rounds=2,
+                 local_epochs=1, batch_size=16, gamma=0.25, eval_batch=100, devices="4")
+    sim = Simulation(cfg, ds)
+    res = run(cfg, ds, sim=sim)
+    x = sim.data.train.x
+    out["partial"] = dict(
+        ids=[h["client_ids"] for h in res.history],
+        x_shape=list(x.shape),
+        shard_rows=[list(sh.data.shape)[:2] for sh in x.addressable_shards],
+        shard_index=[sh.index[0].start for sh in x.addressable_shards],
+        members=[np.asarray(m).tolist() for m in sim.block_members],
+        finite=bool(np.isfinite(np.asarray(res.state.global_flat)).all()),
+    )
     print("RESULT" + json.dumps(out))
     """
 )
@@ -79,6 +94,42 @@ def test_sharded_round_equals_single_device(sharded_results, defense):
     np.testing.assert_allclose(four["weights"], one["weights"], rtol=1e-4, atol=1e-6)
     for x, y in zip(one["A"], four["A"], strict=True):
         assert abs(x - y) <= 100 / 100 + 1e-6  # at most one of the 100 test images flips
+
+
+def test_each_device_holds_and_trains_only_its_block_of_clients(sharded_results):
+    r = sharded_results["partial"]
+    # 8 clients over 4 devices: blocks {0,1}, {2,3}, {4,5}, {6,7}; each round samples 1 of 2
+    # per block (stratified), so every device trains clients whose images it stores.
+    for ids in r["ids"]:
+        assert sorted(i // 2 for i in ids) == [0, 1, 2, 3]
+    assert r["x_shape"][0] == 4 and all(rows[0] == 1 for rows in r["shard_rows"])
+    assert sorted(r["shard_index"]) == [0, 1, 2, 3]
+    # A block stores only its own clients' samples (disjoint Dirichlet shards here).
+    sizes = [len(m) for m in r["members"]]
+    assert r["x_shape"][1] == max(sizes)
+    flat = [i for m in r["members"] for i in m]
+    assert len(flat) == len(set(flat))
+    assert r["finite"]
+
+
+def test_client_blocks_reindex_each_block_onto_its_own_samples():
+    rng = np.random.RandomState(0)
+    n, s = 6, 5
+    indices = rng.randint(0, 40, (n, s))
+    sizes = np.array([5, 3, 4, 1, 5, 2])
+    local, members = client_blocks(indices, sizes, 3)
+    assert len(members) == 3
+    for c in range(n):
+        p = c // 2
+        k = sizes[c]
+        np.testing.assert_array_equal(members[p][local[c, :k]], indices[c, :k])
+        assert (local[c, k:] == 0).all()
+        # The block holds exactly the union of its clients' valid samples.
+    for p in range(3):
+        want = {int(v) for c in (2 * p, 2 * p + 1) for v in indices[c, : sizes[c]]}
+        assert set(members[p].tolist()) == want
+    with pytest.raises(ValueError, match="equal blocks"):
+        client_blocks(indices, sizes, 4)
 
 
 def test_resolve_device_count_divides_the_client_axis():

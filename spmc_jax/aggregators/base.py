@@ -8,9 +8,11 @@ An aggregator is a pair of pure functions over the flattened client matrix
 
 `client_flat` holds the clients' *trained local models* (not deltas), flattened by
 `spmc_jax.flat.Flattener` (parameters first, then BatchNorm statistics). Rules that work
-on updates compute `client_flat - ctx.global_flat` themselves. Rows the engine found
-non-finite arrive already replaced by `ctx.global_flat` (a zero update) and flagged
-`ctx.valid == False`; rules must give them zero weight where they weight clients.
+on updates compute `client_flat - ctx.global_flat` themselves. Non-finite rows arrive
+already replaced by `ctx.global_flat` (a zero update) and flagged `ctx.valid == False`
+(`sanitize`, run once per round: by `get_aggregator`'s wrapper, or by the caller when it
+builds the rule with `inputs_sanitized=True`, as the engine does); rules must give them
+zero weight where they weight clients.
 
 Static, per-run facts (client count, attacker count, learning rate, which coordinates
 are trainable parameters, the server's proxy-data operations) come in an

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 
 def benign_rows(W: jax.Array, malicious: jax.Array) -> jax.Array:
@@ -108,7 +108,7 @@ def alie(env: AttackEnv, *, reference_z: bool = False, z: float = 0.0) -> ModelA
         mu, sigma = masked_moments(W - g, benign_rows(W, malicious))
         return keep_benign((g + (mu - zz * sigma)).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

@@ -14,7 +14,12 @@ Two kinds of attack, both applied by the engine to malicious clients only:
 * A **model attack** rewrites malicious rows of the `(n, d)` matrix of trained client
   models after local training: `apply(W, global_flat, malicious, key) -> W`. It may read
   the benign rows (omniscient attacks); benign rows must come out bit-identical (use
-  `keep_benign`).
+  `keep_benign`). Model attacks act on the trainable parameters only: a factory returns
+  `model_attack(env, apply)`, which runs `apply` on the parameter columns
+  (`AttackEnv.param_mask`) and leaves every other column (BatchNorm running statistics)
+  at the value the client trained. So `apply` computes its statistics (means, stds,
+  norms, distances) over parameters only and cannot, e.g., make a running variance
+  negative or boost it.
 
 Triggers are specified in pixel units ([0, 1]) or directly in normalised units; an attack
 "before normalisation" converts its pixel values with `AttackEnv.to_normalized`, which is
@@ -43,6 +48,9 @@ class AttackEnv:
       num_malicious: m, the number of malicious clients per round.
       n_clients: n, clients per round.
       lr: client learning rate.
+      param_mask: (d,) bool NumPy array over the flat model vector, True on trainable
+        parameters (`Flattener.param_mask`); model attacks modify and measure only those
+        coordinates. None: every coordinate is a parameter.
     """
 
     image_shape: tuple[int, int, int]
@@ -52,6 +60,17 @@ class AttackEnv:
     num_malicious: int = 0
     n_clients: int = 10
     lr: float = 0.01
+    param_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.param_mask is not None:
+            mask = np.asarray(self.param_mask)
+            if mask.ndim != 1 or mask.dtype != np.bool_:
+                raise ValueError(
+                    f"AttackEnv.param_mask must be a 1-D bool array or None, got "
+                    f"dtype={mask.dtype} shape={mask.shape}"
+                )
+            object.__setattr__(self, "param_mask", mask)
 
     def to_normalized(
         self, pixel: jax.Array | np.ndarray | float, channel: Any = slice(None)
@@ -71,10 +90,13 @@ class DataAttack(NamedTuple):
     target: int | None
 
 
+ModelApply = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 class ModelAttack(NamedTuple):
     """An update-matrix attack: `apply(W, global_flat, malicious, key) -> W`."""
 
-    apply: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+    apply: ModelApply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +113,56 @@ class AttackSpec:
 def keep_benign(new: jax.Array, old: jax.Array, malicious: jax.Array) -> jax.Array:
     """Rows of `new` where `malicious`, rows of `old` (bit-identical) elsewhere."""
     return jnp.where(malicious[:, None], new, old)
+
+
+def restrict_to_params(apply: ModelApply, param_mask: np.ndarray | None) -> ModelApply:
+    """`apply` run on the parameter columns of W only; other columns keep W's values.
+
+    The wrapped function gathers W[:, mask] and g[mask], calls `apply` on them (so every
+    statistic it computes is over parameters only) and writes the result back into those
+    columns. Entries outside the mask come out bit-identical to W, for malicious rows too.
+    Params come first in the flat layout, so the mask is normally one contiguous block and
+    the gather/scatter are a slice and an in-place `dynamic_update_slice`; any other mask
+    uses index gather/scatter.
+
+    Args:
+      apply: a model attack's `apply(W, g, malicious, key) -> W` on (n, p) / (p,) arrays.
+      param_mask: (d,) bool, True on parameters; None or all True returns `apply` itself.
+    """
+    if param_mask is None:
+        return apply
+    mask = np.asarray(param_mask, bool)
+    if mask.all():
+        return apply
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:  # no parameters: nothing an attack may touch
+        return lambda W, g, malicious, key: W
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    contiguous = hi - lo == idx.size
+
+    def restricted(W: jax.Array, g: jax.Array, malicious: jax.Array, key: jax.Array) -> jax.Array:
+        if W.shape[-1] != mask.size or g.shape[-1] != mask.size:
+            raise ValueError(
+                f"model attack: W {W.shape} / global {g.shape} do not match "
+                f"AttackEnv.param_mask of length {mask.size}"
+            )
+        if contiguous:
+            sub = apply(W[:, lo:hi], g[lo:hi], malicious, key)
+            return jax.lax.dynamic_update_slice_in_dim(W, sub.astype(W.dtype), lo, axis=1)
+        sub = apply(W[:, idx], g[idx], malicious, key)
+        return W.at[:, idx].set(sub.astype(W.dtype))
+
+    return restricted
+
+
+def model_attack(env: AttackEnv, apply: ModelApply) -> ModelAttack:
+    """The ModelAttack every model-attack factory returns: `apply` on parameters only.
+
+    Args:
+      env: attack environment; its `param_mask` selects the columns `apply` sees.
+      apply: `apply(W, g, malicious, key) -> W`, written for a matrix of parameters.
+    """
+    return ModelAttack(apply=restrict_to_params(apply, env.param_mask))
 
 
 def stamp(x: jax.Array, flags: jax.Array, mask: np.ndarray, values: jax.Array) -> jax.Array:

@@ -7,9 +7,10 @@ from the per-round key:
     mode "replace":  w_mal = g + e          (the update is pure noise, as in the paper)
     mode "add":      w_mal = w + e          (noise added to the honest update)
 
-Unit: sigma is in model-update units (the flat vector includes BatchNorm statistics, when
-the model has any). Blanchard et al. use std 200 on *gradients*; our default sigma = 1.0 is
-already large against typical per-round updates at lr 0.01.
+Unit: sigma is in model-update units. The noise goes on the trainable parameters only
+(`AttackEnv.param_mask`); BatchNorm statistics keep the values the client trained, so a
+running variance never turns negative. Blanchard et al. use std 200 on *gradients*; our
+default sigma = 1.0 is already large against typical per-round updates at lr 0.01.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 MODES = ("replace", "add")
 
@@ -26,11 +27,10 @@ def gaussian(env: AttackEnv, *, sigma: float = 1.0, mode: str = "replace") -> Mo
     """Gaussian noise updates.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       sigma: noise standard deviation (>= 0) per coordinate.
       mode: "replace" (update := noise) or "add" (update += noise).
     """
-    del env
     if sigma < 0:
         raise ValueError(f"gaussian sigma={sigma} must be >= 0")
     if mode not in MODES:
@@ -41,7 +41,7 @@ def gaussian(env: AttackEnv, *, sigma: float = 1.0, mode: str = "replace") -> Mo
         base = g if mode == "replace" else W
         return keep_benign((base + noise).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

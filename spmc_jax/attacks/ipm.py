@@ -16,17 +16,16 @@ from __future__ import annotations
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.alie import benign_rows, masked_moments
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 
 def ipm(env: AttackEnv, *, epsilon: float = 0.5) -> ModelAttack:
     """Inner-product manipulation: malicious rows get g - epsilon * mean benign update.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       epsilon: shrink factor (> 0).
     """
-    del env
     if epsilon <= 0:
         raise ValueError(f"ipm epsilon={epsilon} must be > 0")
 
@@ -35,7 +34,7 @@ def ipm(env: AttackEnv, *, epsilon: float = 0.5) -> ModelAttack:
         mu, _ = masked_moments(W - g, benign_rows(W, malicious))
         return keep_benign((g - epsilon * mu).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

@@ -47,7 +47,7 @@ from jax import lax
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.alie import benign_rows, masked_moments
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 DEVIATIONS = ("std", "unit_vec", "sign")
 OBJECTIVES = ("max", "sum")
@@ -148,7 +148,7 @@ def agnostic_update(
 
 
 def _make(
-    objective: str, dev: str, lam_init: float, threshold: float, bound: str = "max"
+    env: AttackEnv, objective: str, dev: str, lam_init: float, threshold: float, bound: str = "max"
 ) -> ModelAttack:
     if bound not in BOUNDS:
         raise ValueError(f"min_sum bound={bound!r}; accepted: {', '.join(BOUNDS)}")
@@ -164,7 +164,7 @@ def _make(
         )
         return keep_benign((g + u).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 def min_max(
@@ -173,13 +173,12 @@ def min_max(
     """Min-max attack: max distance to benign updates <= max benign pairwise distance.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       dev: perturbation direction: "std" (default), "unit_vec" or "sign".
       lam_init: initial lambda of the bisection (reference 10).
       threshold: bisection threshold (reference 1e-5).
     """
-    del env
-    return _make("max", dev, lam_init, threshold)
+    return _make(env, "max", dev, lam_init, threshold)
 
 
 def min_sum(
@@ -193,15 +192,14 @@ def min_sum(
     """Min-sum attack: sum of distances to benign updates <= max benign sum of distances.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       dev: perturbation direction: "std" (default), "unit_vec" or "sign".
       lam_init: initial lambda of the bisection (reference 10).
       threshold: bisection threshold (reference 1e-5).
       bound: "max" (paper, default) or "min" (the authors' public code) over benign i of
         sum_j ||u_i - u_j||^2.
     """
-    del env
-    return _make("sum", dev, lam_init, threshold, bound)
+    return _make(env, "sum", dev, lam_init, threshold, bound)
 
 
 _PAPER = "Shejwalkar & Houmansadr, Manipulating the Byzantine, NDSS 2021"

@@ -22,18 +22,19 @@ import jax.numpy as jnp
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.alie import benign_rows
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 
 def pgd(env: AttackEnv, *, radius: float = 0.0) -> ModelAttack:
     """Project malicious updates onto the l2 ball of radius `radius` around g.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       radius: ball radius r; r <= 0 means the median norm of the benign updates.
     """
-    del env
 
+    # Norms are over the parameter coordinates (`model_attack`), like the norm-clipping
+    # defences' (`AggregatorEnv.param_mask`), so r is a radius in the server's own metric.
     def apply(W, g, malicious, key):
         del key
         U = W - g
@@ -50,7 +51,7 @@ def pgd(env: AttackEnv, *, radius: float = 0.0) -> ModelAttack:
         projected = jnp.where(outside[:, None], g + U * factor[:, None], W)
         return keep_benign(projected.astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

@@ -15,7 +15,7 @@ rate eta = 1, shared by the m attackers). Compose it after a data attack: `base+
 from __future__ import annotations
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 
 def scaling(env: AttackEnv, *, boost: float = 0.0) -> ModelAttack:
@@ -33,7 +33,7 @@ def scaling(env: AttackEnv, *, boost: float = 0.0) -> ModelAttack:
         del key
         return keep_benign((g + gamma * (W - g)).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

@@ -8,17 +8,16 @@ each malicious client sends its own update reversed and scaled,
 from __future__ import annotations
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, ModelAttack, keep_benign, model_attack
 
 
 def sign_flip(env: AttackEnv, *, scale: float = 1.0) -> ModelAttack:
     """Reverse (and scale) malicious updates.
 
     Args:
-      env: attack environment (unused).
+      env: attack environment (`param_mask`).
       scale: s > 0.
     """
-    del env
     if scale <= 0:
         raise ValueError(f"sign_flip scale={scale} must be > 0")
 
@@ -26,7 +25,7 @@ def sign_flip(env: AttackEnv, *, scale: float = 1.0) -> ModelAttack:
         del key
         return keep_benign((g - scale * (W - g)).astype(W.dtype), W, malicious)
 
-    return ModelAttack(apply=apply)
+    return model_attack(env, apply)
 
 
 register(

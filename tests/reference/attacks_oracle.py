@@ -160,3 +160,11 @@ def project_l2(u: np.ndarray, radius: float) -> np.ndarray:
     u = np.asarray(u, np.float64)
     norms = np.linalg.norm(u, axis=-1, keepdims=True)
     return np.where(norms > radius, u * radius / np.maximum(norms, 1e-300), u)
+
+
+def with_params(rows: np.ndarray, param_mask: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Rows whose parameter entries (param_mask True) are `params` and whose other entries
+    (BatchNorm statistics) keep the values of `rows`: what a model attack must send."""
+    out = np.array(rows, np.float64)
+    out[:, np.asarray(param_mask, bool)] = params
+    return out
