@@ -216,9 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="time the all-clients vmap of local training (no aggregation) only up to this K",
     )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="split the CPU into N JAX devices; the engine shards clients over them (the "
+        "sequential loops run on device 0, so compare them with a run without this flag)",
+    )
     p.add_argument("--quick", action="store_true", help="K in {10, 100}, fedavg only, 1 repeat")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.cpu_devices is not None:
+        from spmc_jax.sharding import set_cpu_devices
+
+        set_cpu_devices(args.cpu_devices)  # before the first backend use below
     if args.quick:
         args.clients, args.defense, args.repeats, args.seq_max = [10, 100], ["fedavg"], 1, 20
     env = environment()

@@ -215,15 +215,13 @@ def choose_client_chunk(
 def preferred_client_chunk(cfg: Config) -> int | None:
     """The chunk a run uses when `--client-chunk` is not given and memory is no limit.
 
-    On one CPU device: 1 (clients one after another under `lax.map`, inside the same jitted
-    round). A single client's batch-64 step already keeps every core busy there, and a vmap
-    over clients only multiplies the im2col buffers that fall out of cache (measured in
-    benchmarks/RESULTS.md: ~1.5-2x slower than chunk 1 on 2 cores). Elsewhere (GPU, TPU,
-    several devices): None, every participant vmapped at once.
+    On CPU: 1 (each device trains its clients one after another under `lax.map`, inside the
+    same jitted round). A single client's batch-64 step already keeps the cores busy there,
+    and a vmap over clients only multiplies the im2col buffers that fall out of cache
+    (benchmarks/RESULTS.md: vmapping all 100 clients is 1.7x slower than chunk 1 on 2
+    cores). Elsewhere (GPU, TPU): None, every participant vmapped at once.
     """
     if cfg.client_chunk is not None or jax.default_backend() != "cpu":
-        return None
-    if sharding_lib.resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients)) > 1:
         return None
     return 1
 
@@ -827,10 +825,16 @@ class Simulation:
         W, loss, projected = self._train_clients(state, data, ids, client_keys, attack_on)
         malicious = data.malicious[ids]
         for i, attack in enumerate(self.model_attacks):
-            attacked = attack.apply(
-                W, state.global_flat, malicious, jax.random.fold_in(k_attack, i)
+            # cond, not where: outside the attack window the attack is neither computed nor
+            # costs an (n, d) select.
+            W = jax.lax.cond(
+                attack_on,
+                lambda W, a=attack, i=i: a.apply(
+                    W, state.global_flat, malicious, jax.random.fold_in(k_attack, i)
+                ),
+                lambda W: W,
+                W,
             )
-            W = jnp.where(attack_on, attacked, W)
         W, valid = sanitize(W, state.global_flat)
         ctx = RoundContext(
             global_flat=state.global_flat,

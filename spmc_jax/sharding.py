@@ -82,6 +82,17 @@ def shard_clients(tree, mesh: Mesh | None):
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, s), tree)
 
 
+def set_cpu_devices(n: int) -> None:
+    """Expose the host CPU as `n` JAX devices (`jax_num_cpu_devices`; before backend start).
+
+    The client mesh then splits clients over them and XLA runs the per-device programs
+    concurrently, each on part of the cores.
+    """
+    if n < 1:
+        raise ValueError(f"--cpu-devices must be >= 1, got {n}")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,

@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--devices", default="auto", help="'auto' or a device count for the client axis")
     e.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help=(
+            "split the host CPU into N JAX devices (jax_num_cpu_devices) so clients train on "
+            "them in parallel under --devices; CPU backend only"
+        ),
+    )
+    e.add_argument(
         "--coordinator",
         default=None,
         help="multi-host: host:port of process 0 (or env SPMC_COORDINATOR)",
@@ -318,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print(list_registry("attack"))
         return 0
     try:
-        from spmc_jax.sharding import initialize_distributed
+        from spmc_jax.sharding import initialize_distributed, set_cpu_devices
 
         # Before anything touches a JAX backend.
+        if args.cpu_devices is not None:
+            set_cpu_devices(args.cpu_devices)
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         cfg = config_from_args(args).validate()
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():

@@ -150,3 +150,10 @@ def test_initialize_distributed_needs_all_three_values(monkeypatch):
         initialize_distributed(coordinator="127.0.0.1:1234", num_processes=2)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         initialize_distributed("127.0.0.1:1234", 2, 5)
+
+
+def test_set_cpu_devices_rejects_nonpositive_counts():
+    from spmc_jax.sharding import set_cpu_devices
+
+    with pytest.raises(ValueError, match="--cpu-devices must be >= 1, got 0"):
+        set_cpu_devices(0)
