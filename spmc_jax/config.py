@@ -18,6 +18,8 @@ CONV_IMPLS = ("auto", "lax", "patches")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # = models.precision.COMPUTE_DTYPES (no jax here)
 SPMC_SPACES = ("weights", "updates")
 SPMC_TEACHERS = ("last_round", "all")
+# Rules that are a weighted sum of the rows: aggregated chunk by chunk without the (n, d) matrix.
+STREAMABLE_DEFENSES = ("fedavg", "fedavg_weighted")
 ATTACKER_IDS = ("last", "random")
 
 # Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
@@ -89,6 +91,7 @@ class Config:
     eval_every: int = 1
     eval_batch: int = 500
     client_chunk: int | None = None
+    stream_aggregation: bool = False
     devices: str = "auto"
     coordinator: str | None = None
     num_processes: int | None = None
@@ -182,6 +185,11 @@ class Config:
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         choice("spmc_space", self.spmc_space, SPMC_SPACES)
         choice("spmc_teachers", self.spmc_teachers, SPMC_TEACHERS)
+        if self.stream_aggregation and self.defense not in STREAMABLE_DEFENSES:
+            raise ValueError(
+                f"--stream-aggregation needs a linear rule; --defense {self.defense!r} is not "
+                f"one (accepted: {', '.join(STREAMABLE_DEFENSES)})"
+            )
         choice("attacker_ids", self.attacker_ids, ATTACKER_IDS)
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"--gamma must be in [0, 1), got {self.gamma}")

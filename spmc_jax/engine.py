@@ -150,7 +150,8 @@ def estimate_memory(
     n = cfg.n_per_round
     per_client = 4 * ((5 + 2 * spmc) * dim + 3 * act_floats * cfg.batch_size * (1 + spmc))
     in_flight = per_client * min(chunk, n)
-    matrices = 4 * dim * n * 3
+    # Streaming keeps a running sum instead of the (n, d) rows and their copies.
+    matrices = 4 * dim * (min(chunk, n) + 2 if cfg.stream_aggregation else n * 3)
     teachers = 4 * dim * (cfg.clients if cfg.spmc_teachers == "all" else n) if spmc else 0
     data = n_train_pixels + 10_000 * 32 * 32 * 3
     total = in_flight + matrices + teachers + data
@@ -540,6 +541,13 @@ class Simulation:
             param_mask=self.flat.param_mask,
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
+        if cfg.stream_aggregation and (self.model_attacks or self.mesh is not None):
+            raise ValueError(
+                "--stream-aggregation folds client models into a running sum as they are "
+                f"trained: it cannot run model attacks (--attack {cfg.attack!r}) or shard "
+                f"clients over {1 if self.mesh is None else self.mesh.size} devices; accepted: "
+                "data-only attacks on one device"
+            )
         probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
         # Attacks without a test-time trigger are probed with the reference trigger, so R
         # (and V) stay defined: how often that trigger flips predictions to class 2.
@@ -769,6 +777,76 @@ class Simulation:
         ids = jax.vmap(block)(jax.random.split(key, d), jnp.arange(d))
         return ids.reshape(-1).astype(jnp.int32)
 
+    def _client_fn(self, block: ClientData, global_flat: jax.Array, attack_on: jax.Array):
+        """`one((idx, size, malicious, rank, key, teacher_flat)) -> (row, loss, projected)`:
+        one participant's local training on the data block `block` (leading axis 1)."""
+        spmc = self.cfg.uses_spmc_client
+        variables = self.flat.unravel(global_flat)
+        train = ClientData(*(a[0] for a in block))
+
+        def one(args):
+            idx, size, mal, rank, key, teacher_flat = args
+            teacher = self.flat.unravel(teacher_flat) if spmc else variables
+            task = ClientTask(idx, size, mal, rank, key)
+            out = self.local_train(variables, teacher, train, task, attack_on)
+            return self.flat.ravel(out.variables), out.loss, out.projected
+
+        return one
+
+    def _stream_clients(
+        self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
+    ):
+        """Train the participants chunk by chunk and fold each chunk's rows into a weighted
+        running sum (FedAvg / weighted FedAvg), never holding the (n, d) client matrix.
+
+        Same weights as the rules: n_i (weighted) or 1, 0 for a non-finite row. Returns
+        (new_global, client_weights, loss, projected, n_invalid).
+        """
+        n = self.n
+        chunk = min(self.client_chunk or n, n)
+        base = (
+            data.sizes[ids].astype(jnp.float32)
+            if self.cfg.defense == "fedavg_weighted"
+            else jnp.ones((n,), jnp.float32)
+        )
+        xs = (
+            data.idx[ids],
+            data.sizes[ids],
+            data.malicious[ids],
+            data.rank[ids],
+            keys[ids],
+            jnp.zeros((n, 1)),
+        )
+        one = self._client_fn(data.train, state.global_flat, attack_on)
+
+        def fold(acc, part):
+            xs_c, b = part
+            rows, loss, proj = jax.vmap(one)(xs_c)
+            ok = jnp.all(jnp.isfinite(rows), axis=1)
+            b = jnp.where(ok, b, 0.0)
+            rows = jnp.where(ok[:, None], rows, 0.0)
+            total, weight = acc
+            total = total + jnp.matmul(b, rows, precision=jax.lax.Precision.HIGHEST)
+            return (total, weight + jnp.sum(b)), (loss, proj, ok)
+
+        acc = (jnp.zeros_like(state.global_flat), jnp.zeros((), jnp.float32))
+        full = (n // chunk) * chunk
+        head = jax.tree.map(lambda a: a[:full].reshape(n // chunk, chunk, *a.shape[1:]), xs)
+        acc, (loss, proj, ok) = jax.lax.scan(
+            fold, acc, (head, base[:full].reshape(n // chunk, chunk))
+        )
+        loss, proj, ok = loss.reshape(-1), proj.reshape(-1), ok.reshape(-1)
+        if full < n:  # the remainder, one smaller chunk
+            acc, (l2, p2, ok2) = fold(acc, (jax.tree.map(lambda a: a[full:], xs), base[full:]))
+            loss, proj = jnp.concatenate([loss, l2]), jnp.concatenate([proj, p2])
+            ok = jnp.concatenate([ok, ok2])
+        total, weight = acc
+        new_global = jnp.where(
+            weight > 0, total / jnp.where(weight > 0, weight, 1.0), state.global_flat
+        )
+        client_weights = jnp.where(ok, base, 0.0) / jnp.where(weight > 0, weight, 1.0)
+        return new_global, client_weights, loss, proj, jnp.sum(~ok)
+
     def _train_clients(
         self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
     ):
@@ -785,16 +863,7 @@ class Simulation:
 
         def train_block(block: ClientData, xs, global_flat, attack_on):
             """This device's participants, on this device's block of the train set."""
-            variables = self.flat.unravel(global_flat)
-            train = ClientData(*(a[0] for a in block))
-
-            def one(args):
-                idx, size, mal, rank, key, teacher_flat = args
-                teacher = self.flat.unravel(teacher_flat) if spmc else variables
-                task = ClientTask(idx, size, mal, rank, key)
-                out = self.local_train(variables, teacher, train, task, attack_on)
-                return self.flat.ravel(out.variables), out.loss, out.projected
-
+            one = self._client_fn(block, global_flat, attack_on)
             chunk = self.client_chunk
             if chunk is None or chunk >= xs[0].shape[0]:
                 return jax.vmap(one)(xs)
@@ -822,6 +891,12 @@ class Simulation:
         ids = self._sample_clients(k_sample)
         client_keys = jax.random.split(k_clients, self.N)
         attack_on = self._attack_active(r)
+        if self.cfg.stream_aggregation:
+            new_global, weights, loss, projected, n_bad = self._stream_clients(
+                state, data, ids, client_keys, attack_on
+            )
+            out = RoundOut(ids, weights, loss, projected, n_bad)
+            return state._replace(global_flat=new_global), out
         W, loss, projected = self._train_clients(state, data, ids, client_keys, attack_on)
         malicious = data.malicious[ids]
         for i, attack in enumerate(self.model_attacks):

@@ -185,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-chunk",
         type=int,
         default=None,
-        help="clients trained at once (bounds memory; default: all)",
+        help="clients trained at once (bounds memory; default: all that fit, 1 on CPU)",
+    )
+    e.add_argument(
+        "--stream-aggregation",
+        action="store_true",
+        help=(
+            "FedAvg rules: fold each chunk of trained clients into a running sum instead of "
+            "holding the (clients-per-round x params) matrix (one device, no model attacks)"
+        ),
     )
     e.add_argument("--devices", default="auto", help="'auto' or a device count for the client axis")
     e.add_argument(
@@ -261,6 +269,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         eval_every=args.eval_every,
         eval_batch=args.eval_batch,
         client_chunk=args.client_chunk,
+        stream_aggregation=args.stream_aggregation,
         devices=args.devices,
         coordinator=args.coordinator,
         num_processes=args.num_processes,

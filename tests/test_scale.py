@@ -115,3 +115,36 @@ def test_many_clients_get_overlapping_shards(blobs):
     # Dirichlet (β = 0.5) mixes are skewed: far fewer classes per client than IID.
     iid = make_plan(cfg.replace(partition="iid"), blobs)
     assert (plan.label_hist > 0).sum(1).mean() < (iid.label_hist > 0).sum(1).mean()
+
+
+@pytest.mark.parametrize("defense", ["fedavg", "fedavg_weighted"])
+def test_streaming_aggregation_equals_the_client_matrix_path(blobs, defense):
+    # 5 clients in chunks of 2: two full chunks and a remainder of one.
+    cfg = Config(defense=defense, model="mlp", clients=5, client_chunk=2, **TINY)
+    a = engine.run(cfg, blobs)
+    b = engine.run(cfg.replace(stream_aggregation=True), blobs)
+    ga, gb = np.asarray(a.state.global_flat), np.asarray(b.state.global_flat)
+    # Same rows, same weights; only the float32 order of the weighted sum differs.
+    np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-6 * np.abs(ga).max())
+    np.testing.assert_allclose(
+        b.history[0]["client_weights"], a.history[0]["client_weights"], rtol=1e-6
+    )
+    np.testing.assert_allclose(b.history[0]["loss"], a.history[0]["loss"], rtol=1e-6)
+    plan_a, plan_b = make_plan(cfg, blobs), make_plan(cfg.replace(stream_aggregation=True), blobs)
+    assert plan_b.memory["client_matrices"] < plan_a.memory["client_matrices"]
+
+
+def test_streaming_drops_nonfinite_clients_and_keeps_the_global_model(blobs):
+    # lr 1e30 overflows every client's weights: nobody may enter the sum.
+    cfg = Config(defense="fedavg", model="mlp", clients=4, lr=1e30, stream_aggregation=True, **TINY)
+    res = engine.run(cfg, blobs)
+    np.testing.assert_array_equal(np.asarray(res.state.global_flat), np.asarray(res.sim.init_flat))
+    assert res.history[0]["nonfinite"] == 4 and sum(res.history[0]["client_weights"]) == 0
+
+
+def test_streaming_rejects_nonlinear_rules_and_model_attacks(blobs):
+    with pytest.raises(ValueError, match=r"not one \(accepted: fedavg, fedavg_weighted\)"):
+        Config(defense="spmc", stream_aggregation=True).validate()
+    cfg = Config(defense="fedavg", model="mlp", attack="sign_flip", stream_aggregation=True, **TINY)
+    with pytest.raises(ValueError, match="cannot run model attacks"):
+        Simulation(cfg, blobs)
