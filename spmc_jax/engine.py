@@ -3,7 +3,10 @@
 Shapes are static for the whole run (padded client index rows, a fixed step count with a
 per-client step mask), so a block of rounds is one jitted `lax.scan` and compiles once.
 All data lives on device as uint8 and is passed to the jitted functions as arguments (never
-closed over as constants).
+closed over as constants); training images are stored per device block of clients
+(`SimData`, `client_blocks`), so with a mesh every device and host holds only its own
+clients' data. On CPU clients train one at a time inside the round (`preferred_client_chunk`);
+`--stream-aggregation` folds them into FedAvg's running sum without the (m, d) matrix.
 
 Randomness: one root key `PRNGKey(seed)` split by role (init, rounds); each round folds in
 its index; each registered client gets `split(round_key, N)[id]`, so a client's randomness

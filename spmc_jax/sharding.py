@@ -1,13 +1,15 @@
 """Many devices and many hosts: a 1-D `Mesh` over the client axis.
 
 The engine's round is one jitted function over arrays with a leading client axis (the m
-participants' tasks, their trained rows W (m, d)). With a mesh of D devices the client axis
-of those arrays is sharded D ways (`NamedSharding(mesh, P('clients'))`) by
-`with_sharding_constraint` at the edges of local training; everything else (the global
-model, the data, the aggregator's inputs after the gather) is left to XLA's sharding
-propagation, so the aggregators are unchanged: a column mean over a sharded client axis
-becomes a local sum plus an all-reduce. Only the client axis is split, so the result equals
-the single-device run up to float32 summation order of cross-client reductions.
+participants' tasks, their trained rows W (m, d)). With a mesh of D devices, registered
+clients form D contiguous blocks; the training data is stored per block (each device holds
+only the images its clients use) and local training runs under `shard_map`, each device on
+its own participants and its own block. The trained rows come out sharded over the client
+axis (`NamedSharding(mesh, P('clients'))`); everything after (the aggregators, the new
+global model) is left to XLA's sharding propagation, so the aggregators are unchanged: a
+column mean over a sharded client axis becomes a local sum plus an all-reduce. Only the
+client axis is split, so under full participation the result equals the single-device run
+up to float32 summation order of cross-client reductions.
 
 Many hosts: `initialize_distributed` calls `jax.distributed.initialize` from flags or the
 environment (`SPMC_COORDINATOR`, `SPMC_NUM_PROCESSES`, `SPMC_PROCESS_ID`); with no values it
@@ -72,14 +74,6 @@ def client_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def shard_clients(tree, mesh: Mesh | None):
-    """`with_sharding_constraint` of every leaf's leading axis to the client axis (in jit)."""
-    if mesh is None or mesh.size == 1:
-        return tree
-    s = client_sharding(mesh)
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, s), tree)
 
 
 def set_cpu_devices(n: int) -> None:
