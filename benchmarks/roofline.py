@@ -47,17 +47,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
-from round_throughput import environment, synthetic_dataset  # noqa: E402
+from round_throughput import bench_simulation, environment  # noqa: E402
 
-from spmc_jax.client import ClientData, ClientTask, epoch_order  # noqa: E402
-from spmc_jax.config import Config  # noqa: E402
-from spmc_jax.engine import Simulation  # noqa: E402
+from spmc_jax.client import ClientTask, epoch_order  # noqa: E402
+from spmc_jax.engine import first_block  # noqa: E402
 
 # Below this ratio of XLA's count to steps × the single step's count, a loop body was counted
 # once (the ratio is then ~1/steps); above it XLA multiplied by the trip count (ratio ~1).
@@ -162,31 +160,15 @@ def matmul_peak(
 # ----------------------------------------------------------------------------- one cell
 def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     """FLOPs and times of (a) one step, (a') one client's local training, (b) one round."""
-    k = args.clients
-    n_train = int(np.ceil(k * args.samples / 0.9)) + 10  # pool = 90 % of train, IID split
-    cfg = Config(
-        dataset="mnist",
-        clients=k,
-        rounds=1,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        partition="iid",
-        defense=defense,
-        attack="base",
-        gamma=0.2,
-        model=args.model,
-        conv_impl=args.conv_impl,
-        client_chunk=args.client_chunk,
-        eval_batch=200,
-    )
-    sim = Simulation(cfg, synthetic_dataset(n_train))
+    sim = bench_simulation(args.clients, defense, args, model=args.model, conv_impl=args.conv_impl)
+    cfg = sim.cfg
     plan = sim.plan
     # The scans run steps_per_epoch (of the LARGEST client) steps for every client; steps past
     # a client's own data are masked but still computed, so they count as executed.
     steps = plan.steps_per_epoch * plan.epochs
     client_steps = sim.n * steps
     state, data = sim.init_state(), sim.data
-    train = ClientData(*(a[0] for a in data.train))  # one device: block 0 = every client
+    train = first_block(data.train)  # one device: block 0 = every client
     r0 = jnp.asarray(0, jnp.int32)
     variables = sim.flat.unravel(state.global_flat)
     opt_state = sim._tx.init(variables["params"])

@@ -45,10 +45,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spmc_jax.client import ClientData, ClientTask, epoch_order
+from spmc_jax.client import ClientTask, epoch_order
 from spmc_jax.config import Config
 from spmc_jax.data.types import Dataset
-from spmc_jax.engine import Simulation
+from spmc_jax.engine import Simulation, first_block
 
 
 def synthetic_dataset(n_train: int, n_test: int = 200, seed: int = 0) -> Dataset:
@@ -78,11 +78,12 @@ def _time(fn, repeats: int) -> dict[str, float]:
     }
 
 
-def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Time one (K, defense, conv_impl) cell."""
-    # Pool = 90% of the train split; every client gets exactly `samples` images (IID split).
+def bench_simulation(
+    k: int, defense: str, args: argparse.Namespace, **overrides: Any
+) -> Simulation:
+    """A real one-round `Simulation` of K clients on synthetic data, each holding exactly
+    `args.samples` images (IID split of a pool that is 90 % of the train set)."""
     n_train = int(np.ceil(k * args.samples / 0.9)) + 10
-    ds = synthetic_dataset(n_train)
     cfg = Config(
         dataset="mnist",
         clients=k,
@@ -93,17 +94,23 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
         defense=defense,
         attack="base",
         gamma=0.2,
-        conv_impl=conv_impl,
         client_chunk=args.client_chunk,
         eval_batch=200,
+        **overrides,
     )
-    sim = Simulation(cfg, ds)
+    return Simulation(cfg, synthetic_dataset(n_train))
+
+
+def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one (K, defense, conv_impl) cell."""
+    sim = bench_simulation(k, defense, args, conv_impl=conv_impl)
+    cfg = sim.cfg
     plan = sim.plan
     steps = int(plan.partition.sizes.min() // cfg.batch_size) * plan.epochs
     client_steps = k * steps
     state = sim.init_state()
     data = sim.data
-    train = ClientData(*(a[0] for a in data.train))  # one device: block 0 = every client
+    train = first_block(data.train)  # one device: block 0 = every client
     r0 = jnp.asarray(0, jnp.int32)
     res: dict[str, Any] = {
         "K": k,

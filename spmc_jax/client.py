@@ -204,14 +204,38 @@ def make_local_train(
     The returned function is pure and written for one client; `teacher` is ignored when
     `spmc` is None (pass the global variables).
     """
+    one_step = make_client_step(
+        model, transform, optimizer, batch_size=batch_size, data_attack=data_attack, spmc=spmc
+    )
+    return local_train_from_step(
+        one_step,
+        optimizer,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+    )
+
+
+def local_train_from_step(
+    one_step: Callable[..., StepResult],
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    epochs: int,
+) -> Callable[..., LocalResult]:
+    """`local_train` of `make_local_train`, scanning an existing `make_client_step` step.
+
+    Args:
+      one_step: the client's SGD step (`make_client_step`).
+      optimizer: the optax transformation that step was built with (fresh state per call).
+      batch_size, steps_per_epoch, epochs: as in `make_local_train`.
+    """
     if steps_per_epoch < 1:
         raise ValueError(
             f"steps_per_epoch={steps_per_epoch}: every client needs at least one full batch of "
             f"{batch_size}"
         )
-    one_step = make_client_step(
-        model, transform, optimizer, batch_size=batch_size, data_attack=data_attack, spmc=spmc
-    )
 
     def local_train(
         variables: PyTree, teacher: PyTree, data: ClientData, task: ClientTask, attack_on: jax.Array

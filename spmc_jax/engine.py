@@ -38,6 +38,7 @@ from spmc_jax.client import (
     ClientData,
     ClientTask,
     SpmcClientOptions,
+    local_train_from_step,
     make_client_step,
     make_local_train,
     make_optimizer,
@@ -434,6 +435,12 @@ class SimData(NamedTuple):
     y_test: jax.Array
 
 
+def first_block(train: ClientData) -> ClientData:
+    """Block 0 of per-block train arrays, (U, ...): one device's clients' data (all clients'
+    without a mesh)."""
+    return ClientData(*(a[0] for a in train))
+
+
 def client_blocks(
     indices: np.ndarray, sizes: np.ndarray, n_blocks: int
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -566,17 +573,7 @@ class Simulation:
             if cfg.uses_spmc_client
             else None
         )
-        common = dict(batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch)
-        self.local_train = make_local_train(
-            self.model,
-            self.train_transform,
-            tx,
-            epochs=plan.epochs,
-            data_attack=self.data_attack,
-            spmc=spmc_opts,
-            **common,
-        )
-        # One SGD step of one client, the piece `local_train` scans (benchmarks time it alone).
+        # One SGD step of one client (benchmarks time it alone) and its scan over the epochs.
         self.client_step = make_client_step(
             self.model,
             self.train_transform,
@@ -584,6 +581,13 @@ class Simulation:
             batch_size=cfg.batch_size,
             data_attack=self.data_attack,
             spmc=spmc_opts,
+        )
+        self.local_train = local_train_from_step(
+            self.client_step,
+            tx,
+            batch_size=cfg.batch_size,
+            steps_per_epoch=plan.steps_per_epoch,
+            epochs=plan.epochs,
         )
         n_proxy = len(plan.proxy_indices)
         self._proxy_steps = max(n_proxy // cfg.batch_size, 1)
@@ -785,7 +789,7 @@ class Simulation:
         one participant's local training on the data block `block` (leading axis 1)."""
         spmc = self.cfg.uses_spmc_client
         variables = self.flat.unravel(global_flat)
-        train = ClientData(*(a[0] for a in block))
+        train = first_block(block)
 
         def one(args):
             idx, size, mal, rank, key, teacher_flat = args
@@ -795,6 +799,18 @@ class Simulation:
             return self.flat.ravel(out.variables), out.loss, out.projected
 
         return one
+
+    @staticmethod
+    def _client_inputs(data: SimData, ids: jax.Array, keys: jax.Array, teachers: jax.Array):
+        """The participants' per-client inputs of `_client_fn`, stacked on the client axis."""
+        return (
+            data.idx[ids],
+            data.sizes[ids],
+            data.malicious[ids],
+            data.rank[ids],
+            keys[ids],
+            teachers,
+        )
 
     def _stream_clients(
         self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
@@ -812,14 +828,7 @@ class Simulation:
             if self.cfg.defense == "fedavg_weighted"
             else jnp.ones((n,), jnp.float32)
         )
-        xs = (
-            data.idx[ids],
-            data.sizes[ids],
-            data.malicious[ids],
-            data.rank[ids],
-            keys[ids],
-            jnp.zeros((n, 1)),
-        )
+        xs = self._client_inputs(data, ids, keys, jnp.zeros((n, 1)))
         one = self._client_fn(data.train, state.global_flat, attack_on)
 
         def fold(acc, part):
@@ -855,14 +864,7 @@ class Simulation:
     ):
         spmc = self.cfg.uses_spmc_client
         teachers = self._lookup_teachers(state, ids) if spmc else jnp.zeros((self.n, 1))
-        xs = (
-            data.idx[ids],
-            data.sizes[ids],
-            data.malicious[ids],
-            data.rank[ids],
-            keys[ids],
-            teachers,
-        )
+        xs = self._client_inputs(data, ids, keys, teachers)
 
         def train_block(block: ClientData, xs, global_flat, attack_on):
             """This device's participants, on this device's block of the train set."""

@@ -64,17 +64,23 @@ def test_dry_run_writes_plan(tmp_path, real_dataset):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def _train_rows(tmp_path, *args):
+    """Run the CLI offline into `tmp_path`; (completed process, metrics.jsonl rows)."""
+    r = _cli(*args, "--no-fetch", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return r, rows
+
+
 @pytest.mark.slow
 def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     real_dataset("mnist")
-    r = _cli(
+    r, rows = _train_rows(
+        tmp_path,
         *("--dataset", "mnist", "--subsample", "4000", "--clients", "4", "--rounds", "2"),
-        *("--defense", "fedavg", "--local-epochs", "5", "--gamma", "0.25", "--no-fetch"),
+        *("--defense", "fedavg", "--local-epochs", "5", "--gamma", "0.25"),
         *("--partition", "iid", "--lr", "0.05"),  # IID + lr 0.05: learns within 2 short rounds
-        *("--out", str(tmp_path)),
     )
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in rows] == [0, 1]
     for key in ("A", "R", "R_excl_target", "V", "seconds", "client_weights"):
         assert key in rows[-1]
@@ -90,13 +96,11 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
 @pytest.mark.slow
 def test_two_round_spmc_run_reports_alpha(tmp_path, real_dataset):
     real_dataset("fashion_mnist")
-    r = _cli(
+    _, rows = _train_rows(
+        tmp_path,
         *("--dataset", "fashion_mnist", "--subsample", "3000", "--clients", "4"),
-        *("--rounds", "2", "--local-epochs", "2", "--gamma", "0.25", "--no-fetch"),
-        *("--out", str(tmp_path)),
+        *("--rounds", "2", "--local-epochs", "2", "--gamma", "0.25"),
     )
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         alpha = row["client_weights"]
         assert len(alpha) == 4 and abs(sum(alpha) - 1) < 1e-5
