@@ -2,9 +2,11 @@
 
 For every (n, d) cell and every rule named in --rules (registry names, default `spmc`):
 
-- `<rule>`: the registered aggregator, `get_aggregator(name, env).aggregate`, jitted, on a
-  random round (client models = a shared base of norm ~14 plus 1e-2 perturbations, the
-  regime SPMC's cosines live in); the RoundContext is built from random data too.
+- `<rule>`: the registered aggregator as the engine calls it,
+  `get_aggregator(name, env, inputs_sanitized=True).aggregate` (the round has already
+  replaced non-finite rows, so the rule skips its own (n, d) pass), jitted, on a random
+  round (client models = a shared base of norm ~14 plus 1e-2 perturbations, the regime
+  SPMC's cosines live in); the RoundContext is built from random data too.
 - for `spmc` also `margin_contribution` (the O(n·d) closed form itself) and `naive_loo`:
   the same scores computed the naive way, n separate leave-one-out averages (lax.map over
   i, O(n²·d)), then the same softmax and weighted mean. `ratio` = naive / closed form.
@@ -158,7 +160,8 @@ def programs(
             total_clients=n,
             proxy=SyntheticProxy() if spec.needs_proxy else None,
         )
-        agg = get_aggregator(rule, env)
+        # As the engine calls it: the round sanitised the client matrix once already.
+        agg = get_aggregator(rule, env, inputs_sanitized=True)
 
         def run_rule(w, g, n_samples, key, agg=agg):
             ctx = RoundContext(

@@ -195,6 +195,7 @@ def environment() -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": dev.device_kind,
         "cpu_count": os.cpu_count(),
+        "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -230,9 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         help="split the CPU into N JAX devices; the engine shards clients over them (the "
         "sequential loops run on device 0, so compare them with a run without this flag)",
     )
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="pin this process to its first N allowed CPU cores (Linux; see core_scaling.py)",
+    )
     p.add_argument("--quick", action="store_true", help="K in {10, 100}, fedavg only, 1 repeat")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.cores is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.cores <= len(allowed):
+            raise SystemExit(f"--cores {args.cores}; accepted: 1..{len(allowed)} (allowed cores)")
+        os.sched_setaffinity(0, allowed[: args.cores])  # before XLA starts its threads
     if args.cpu_devices is not None:
         from spmc_jax.sharding import set_cpu_devices
 
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(
         f"jax {env['jax']} on {env['backend']}: {env['devices']} ({env['device_kind']}), "
-        f"{env['cpu_count']} CPUs, load {env['loadavg']}"
+        f"{env['cpu_count']} CPUs ({env['cores_used']} used), load {env['loadavg']}"
     )
     print(
         f"config: SimpleCNN, synthetic MNIST-kind data, {args.samples} images/client, batch "

@@ -156,7 +156,24 @@ def make_client_step(
             # Teacher in train mode (BatchNorm on batch statistics), never updated.
             t_logits, _ = forward(teacher, x)
             t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
-            (g_guide,) = vjp_fn((probs - t_probs) / batch_size)
+            # Teacher == student (the first step of round 0, and of a client whose teacher is
+            # the global model): G_g is exactly 0 and nothing is projected (spmc_reference.md
+            # §3.3). Separately compiled forward passes differ by rounding, and the
+            # scale-free projection would then project onto that noise.
+            same = jnp.all(
+                jnp.stack(
+                    [
+                        jnp.array_equal(a, b)
+                        for a, b in zip(
+                            jax.tree.leaves(teacher["params"]),
+                            jax.tree.leaves(variables["params"]),
+                            strict=True,
+                        )
+                    ]
+                )
+            )
+            delta = jnp.where(same, 0.0, probs - t_probs)
+            (g_guide,) = vjp_fn(delta / batch_size)
             n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam > 0)
             g = project(g, g_guide, lam)
         updates, new_opt = optimizer.update(g, opt_state, variables["params"])

@@ -18,6 +18,8 @@ CONV_IMPLS = ("auto", "lax", "patches")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # = models.precision.COMPUTE_DTYPES (no jax here)
 SPMC_SPACES = ("weights", "updates")
 SPMC_TEACHERS = ("last_round", "all")
+# Where a client mesh keeps the training images (engine.Simulation._device_data).
+CLIENT_DATA = ("auto", "blocks", "replicated")
 # Rules that are a weighted sum of the rows: aggregated chunk by chunk without the (n, d) matrix.
 STREAMABLE_DEFENSES = ("fedavg", "fedavg_weighted")
 ATTACKER_IDS = ("last", "random")
@@ -93,6 +95,7 @@ class Config:
     client_chunk: int | None = None
     stream_aggregation: bool = False
     devices: str = "auto"
+    client_data: str = "auto"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -185,6 +188,7 @@ class Config:
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         choice("spmc_space", self.spmc_space, SPMC_SPACES)
         choice("spmc_teachers", self.spmc_teachers, SPMC_TEACHERS)
+        choice("client_data", self.client_data, CLIENT_DATA)
         if self.stream_aggregation and self.defense not in STREAMABLE_DEFENSES:
             raise ValueError(
                 f"--stream-aggregation needs a linear rule; --defense {self.defense!r} is not "

@@ -43,7 +43,7 @@ from spmc_jax.client import (
     make_local_train,
     make_optimizer,
 )
-from spmc_jax.config import Config
+from spmc_jax.config import STREAMABLE_DEFENSES, Config
 from spmc_jax.data import partition as part_lib
 from spmc_jax.data.pipeline import make_test_transform, make_train_transform, pil_bilinear_resize
 from spmc_jax.data.types import INPUT_SHAPE, Dataset
@@ -76,6 +76,7 @@ class Plan:
     memory: dict[str, float]
     client_chunk: int | None = None  # clients trained at once (None: all m, vmapped)
     shared_shards: bool = False  # cross-device mode: clients' samples overlap (see make_plan)
+    memory_advice: str = ""  # when nothing fits: what would (see fit_advice)
 
     def to_dict(self) -> dict[str, Any]:
         sizes = self.partition.sizes
@@ -106,6 +107,7 @@ class Plan:
             "memory_estimate_bytes": self.memory,
             "client_chunk": self.client_chunk,
             "shared_shards": self.shared_shards,
+            "memory_advice": self.memory_advice,
         }
 
 
@@ -179,6 +181,37 @@ def _fits(
     return estimate_memory(cfg, dim, act_floats, data_bytes, chunk)["total"] <= budget
 
 
+def fit_advice(cfg: Config, dim: int, act_floats: int, data_bytes: int, budget: float) -> str:
+    """What to change so that a run that does not fit even one client at a time fits.
+
+    Tries, in order: `--stream-aggregation` (FedAvg rules: no (m, d) matrix), SPMC's
+    `--spmc-teachers last_round` (O(m·d) instead of O(N·d)), and the largest
+    `--clients-per-round` that fits with one client in flight.
+    """
+    tips = []
+    if cfg.defense in STREAMABLE_DEFENSES and not cfg.stream_aggregation:
+        alt = cfg.replace(stream_aggregation=True, client_chunk=None)
+        if _fits(alt, dim, act_floats, data_bytes, 1, budget):
+            tips.append("add --stream-aggregation (FedAvg rules fold clients into a running sum)")
+    if cfg.uses_spmc_client and cfg.spmc_teachers == "all":
+        alt = cfg.replace(spmc_teachers="last_round", client_chunk=None)
+        if _fits(alt, dim, act_floats, data_bytes, 1, budget):
+            tips.append("use --spmc-teachers last_round (only last round's participants' teachers)")
+
+    # Largest m (>= 2) that fits; memory grows with m, so bisect.
+    def fits_m(m: int) -> bool:
+        return _fits(cfg.replace(clients_per_round=m), dim, act_floats, data_bytes, 1, budget)
+
+    if fits_m(2):
+        lo, hi = 2, cfg.n_per_round  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits_m(mid) else (lo, mid)
+        tips.append(f"lower --clients-per-round to {lo} or less")
+    tips.append("or shard the clients over more devices (--devices)")
+    return "; ".join(tips)
+
+
 def choose_client_chunk(
     cfg: Config, dim: int, act_floats: int, data_bytes: int, budget: float | None
 ) -> int | None:
@@ -202,7 +235,7 @@ def choose_client_chunk(
             f"{budget / 2**30:.1f} GiB budget: the round's client matrices "
             f"({est['client_matrices'] / 2**30:.1f} GiB) and SPMC teachers "
             f"({est['teachers'] / 2**30:.1f} GiB) scale with --clients-per-round and --clients; "
-            f"lower them, or use more devices"
+            + fit_advice(cfg, dim, act_floats, data_bytes, budget)
         )
     lo, hi = 1, want or n  # invariant: lo fits, hi does not
     while hi - lo > 1:
@@ -375,6 +408,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
             raise
         # Nothing fits: keep planning (a --dry-run reports it); Simulation refuses to run.
         chunk, fits = 1, False
+    advice = "" if fits or budget is None else fit_advice(cfg, flat.dim, act, data_bytes, budget)
     mem = estimate_memory(cfg, flat.dim, act, data_bytes, chunk or cfg.n_per_round)
     mem["budget"] = float(budget) if budget is not None else 0.0  # 0: unknown
     mem["fits"] = float(fits)
@@ -396,6 +430,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
         memory=mem,
         client_chunk=chunk,
         shared_shards=shared,
+        memory_advice=advice,
     )
 
 
@@ -532,13 +567,22 @@ class Simulation:
         if not plan.memory.get("fits", 1.0):
             raise ValueError(
                 f"the plan needs ~{plan.memory['total'] / 2**30:.1f} GiB even one client at a "
-                f"time, over the {plan.memory['budget'] / 2**30:.1f} GiB budget; lower "
-                f"--clients-per-round / --clients or add devices"
+                f"time, over the {plan.memory['budget'] / 2**30:.1f} GiB budget: "
+                f"{plan.memory_advice}"
             )
         self.client_chunk = plan.client_chunk
         # Devices must split both the participants and the registered clients evenly.
         n_dev = sharding_lib.resolve_device_count(cfg.devices, math.gcd(self.n, self.N))
         self.mesh = sharding_lib.client_mesh(n_dev) if n_dev > 1 else None
+        # With a mesh, 'blocks': device p stores only block p's clients' images and trains
+        # only them (partial participation then samples m/D per block); 'replicated': every
+        # device stores every image, participants are sampled as on one device and split
+        # evenly, so results equal the 1-device run. 'auto': blocks exactly when sampling
+        # cannot differ (full participation).
+        mode = cfg.client_data
+        if mode == "auto":
+            mode = "blocks" if self.n == self.N else "replicated"
+        self.n_blocks = self.mesh.size if self.mesh is not None and mode == "blocks" else 1
 
         env = AttackEnv(
             image_shape=INPUT_SHAPE,
@@ -627,8 +671,7 @@ class Simulation:
         m_ids = np.flatnonzero(plan.malicious)
         rank = np.zeros(self.N, np.int32)
         rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
-        n_blocks = 1 if self.mesh is None else self.mesh.size
-        local, members = client_blocks(plan.partition.indices, plan.partition.sizes, n_blocks)
+        local, members = client_blocks(plan.partition.indices, plan.partition.sizes, self.n_blocks)
         self.block_members = members
         proxy = np.asarray(plan.proxy_indices, np.int64)
         replicated = self._place(
@@ -650,7 +693,8 @@ class Simulation:
 
     def _block_data(self, members: list[np.ndarray], poison: np.ndarray) -> ClientData:
         """(D, U, ...) train arrays, block p = the samples of block p's clients, padded to
-        the largest block. With a mesh, each host builds only its own devices' blocks."""
+        the largest block. With D > 1 blocks, each host builds only its own devices' blocks;
+        with one block on a mesh, every device holds it (replicated)."""
         ds, width = self.ds, max(len(u) for u in members)
 
         def block(field: str, p: int) -> np.ndarray:
@@ -665,8 +709,11 @@ class Simulation:
             return np.pad(v, pad)
 
         d = len(members)
-        if self.mesh is None:
-            return ClientData(*(jnp.asarray(block(f, 0)[None]) for f in ClientData._fields))
+        if d == 1:  # one device, or every device holds everything (replicated)
+            return self._place(
+                ClientData(*(jnp.asarray(block(f, 0)[None]) for f in ClientData._fields))
+            )
+        assert self.mesh is not None
         sharding = sharding_lib.client_sharding(self.mesh)
         x_shape = (d, width, *INPUT_SHAPE[:2], ds.x_train.shape[-1])  # (F)MNIST: 1 channel
 
@@ -751,8 +798,27 @@ class Simulation:
             # No participants yet: every client's teacher is the global (= initial) model.
             teachers = jnp.zeros((self.n, self.flat.dim), jnp.float32)
             ids = jnp.full((self.n,), -1, jnp.int32)
-        return self._place(
+        state = self._place(
             RunState(self.init_flat, agg.init(self.init_flat), teachers, ids, self.round_key)
+        )
+        if self._shard_teachers:
+            assert self.mesh is not None
+            # Rounds return last round's teachers split over the client axis (they come from
+            # the sharded rows); start that way so round 2 reuses round 1's compiled program.
+            to_clients = jax.jit(
+                lambda t, i: (t, i), out_shardings=sharding_lib.client_sharding(self.mesh)
+            )
+            teachers, ids = to_clients(state.teachers, state.teacher_ids)
+            state = state._replace(teachers=teachers, teacher_ids=ids)
+        return state
+
+    @property
+    def _shard_teachers(self) -> bool:
+        """Last round's (m, d) teachers live split over the mesh's client axis."""
+        return (
+            self.mesh is not None
+            and self.cfg.uses_spmc_client
+            and self.cfg.spmc_teachers == "last_round"
         )
 
     def _lookup_teachers(self, state: RunState, ids: jax.Array) -> jax.Array:
@@ -767,12 +833,12 @@ class Simulation:
         return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
 
     def _sample_clients(self, key: jax.Array) -> jax.Array:
-        """Sorted ids of this round's m participants, uniform without replacement; with a
-        D-device mesh, m/D from each device's block of N/D clients (stratified, so every
-        device trains only clients whose data it holds)."""
+        """Sorted ids of this round's m participants, uniform without replacement; with D
+        data blocks (a mesh with `client_data` 'blocks'), m/D from each device's block of N/D
+        clients (stratified, so every device trains only clients whose data it holds)."""
         if self.n == self.N:
             return jnp.arange(self.N, dtype=jnp.int32)
-        d = 1 if self.mesh is None else self.mesh.size
+        d = self.n_blocks
         if d == 1:
             ids = jax.random.choice(key, self.N, (self.n,), replace=False)
             return jnp.sort(ids).astype(jnp.int32)
@@ -877,13 +943,14 @@ class Simulation:
 
         if self.mesh is None:
             return train_block(data.train, xs, state.global_flat, attack_on)
-        # Many devices: each trains its own participants on its own data block; the client
-        # rows come out sharded and the aggregation after it is left to sharding propagation.
+        # Many devices: each trains its own participants (a contiguous m/D of the sorted ids)
+        # on its own data block, or on the replicated train set; the client rows come out
+        # sharded and the aggregation after it is left to sharding propagation.
         c, r = P(sharding_lib.CLIENT_AXIS), P()
         return jax.shard_map(
             train_block,
             mesh=self.mesh,
-            in_specs=(c, c, r, r),
+            in_specs=(c if self.n_blocks > 1 else r, c, r, r),
             out_specs=c,
             # No collectives inside: every device only reads its inputs. Without this, the
             # scans' carries (start: the replicated global model) fail the varying-axes check.
@@ -932,6 +999,11 @@ class Simulation:
                 teachers = teachers.at[ids].set(t)
             else:
                 teachers, teacher_ids = t, ids
+                if self._shard_teachers:  # pinned: the state's shardings never drift
+                    assert self.mesh is not None
+                    sh = sharding_lib.client_sharding(self.mesh)
+                    teachers = jax.lax.with_sharding_constraint(teachers, sh)
+                    teacher_ids = jax.lax.with_sharding_constraint(teacher_ids, sh)
         out = RoundOut(ids, info.client_weights, loss, projected, jnp.sum(~valid))
         new_state = RunState(new_global, agg_state, teachers, teacher_ids, state.key)
         return new_state, out
@@ -966,20 +1038,49 @@ def run(
     ds: Dataset,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     sim: Simulation | None = None,
+    *,
+    state: RunState | None = None,
+    start_round: int = 0,
+    history: list[dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[RunState, int], None] | None = None,
 ) -> RunResult:
     """Train the federation for `cfg.rounds` rounds, evaluating every `cfg.eval_every`.
 
-    Returns a RunResult whose `history` has one dict per round: round, A, R,
-    R_excl_target, V (None on rounds not evaluated), seconds, client_ids, client_weights,
-    attacker_weight, loss, projected, nonfinite.
+    Args:
+      cfg: the run's configuration.
+      ds: the dataset (unused when `sim` is given).
+      on_round: called with each round's row as soon as its block finishes.
+      sim: a prepared Simulation (built from `cfg` and `ds` when None).
+      state: the state after `start_round` completed rounds (resuming, e.g. restored by
+        `spmc_jax.checkpoint`); None: `sim.init_state()`.
+      start_round: rounds already completed; training runs rounds start_round..rounds-1.
+        Blocks stay aligned to multiples of `cfg.eval_every`, so a resumed run evaluates
+        the same rounds as the uninterrupted one (round r's randomness depends only on r
+        and the state's key, so it also gets the same numbers).
+      history: the rows of the completed rounds, kept in front of the new ones.
+      on_checkpoint: called as `on_checkpoint(state, rounds_done)` after each evaluation
+        block (after its rows went to `on_round`), e.g. to save a checkpoint.
+
+    Returns:
+      A RunResult whose `history` has one dict per round: round, A, R, R_excl_target, V
+      (None on rounds not evaluated), seconds, client_ids, client_weights, attacker_weight,
+      loss, projected, nonfinite.
+
+    Raises:
+      ValueError: `start_round` outside [0, cfg.rounds], or > 0 without a `state`.
     """
+    if not 0 <= start_round <= cfg.rounds:
+        raise ValueError(f"start_round={start_round}; accepted: 0..{cfg.rounds} (cfg.rounds)")
+    if start_round > 0 and state is None:
+        raise ValueError(f"start_round={start_round} needs the state after those rounds")
     sim = sim or Simulation(cfg, ds)
-    state = sim.init_state()
-    history: list[dict[str, Any]] = []
-    r = 0
+    state = sim.init_state() if state is None else state
+    history = list(history or [])
+    r = start_round
     malicious = np.asarray(sim.plan.malicious)
     while r < cfg.rounds:
-        count = min(cfg.eval_every, cfg.rounds - r)
+        # To the next multiple of eval_every (from round 0 that is eval_every rounds).
+        count = min(cfg.eval_every - r % cfg.eval_every, cfg.rounds - r)
         t0 = time.perf_counter()
         state, outs = sim.run_rounds(state, sim.data, count, jnp.asarray(r, jnp.int32))
         metrics = _to_host(sim.evaluate(state.global_flat, sim.data))
@@ -1006,4 +1107,6 @@ def run(
             if on_round is not None:
                 on_round(row)
         r += count
+        if on_checkpoint is not None:
+            on_checkpoint(state, r)
     return RunResult(history, state, sim.plan, sim)

@@ -1,15 +1,17 @@
 """Many devices and many hosts: a 1-D `Mesh` over the client axis.
 
 The engine's round is one jitted function over arrays with a leading client axis (the m
-participants' tasks, their trained rows W (m, d)). With a mesh of D devices, registered
-clients form D contiguous blocks; the training data is stored per block (each device holds
-only the images its clients use) and local training runs under `shard_map`, each device on
-its own participants and its own block. The trained rows come out sharded over the client
-axis (`NamedSharding(mesh, P('clients'))`); everything after (the aggregators, the new
-global model) is left to XLA's sharding propagation, so the aggregators are unchanged: a
-column mean over a sharded client axis becomes a local sum plus an all-reduce. Only the
-client axis is split, so under full participation the result equals the single-device run
-up to float32 summation order of cross-client reductions.
+participants' tasks, their trained rows W (m, d)). With a mesh of D devices, local
+training runs under `shard_map`, each device on m/D participants. With `client_data`
+'blocks' (the default under full participation), registered clients form D contiguous
+blocks and the training data is stored per block (each device holds only the images its
+clients use); with 'replicated' (the default under partial participation) every device holds
+every image and participants are sampled as on one device. The trained rows come out
+sharded over the client axis (`NamedSharding(mesh, P('clients'))`); everything after (the
+aggregators, the new global model) is left to XLA's sharding propagation, so the
+aggregators are unchanged: a column mean over a sharded client axis becomes a local sum plus
+an all-reduce. Only the client axis is split, so (with the default `client_data`) the result
+equals the single-device run up to float32 summation order of cross-client reductions.
 
 Many hosts: `initialize_distributed` calls `jax.distributed.initialize` from flags or the
 environment (`SPMC_COORDINATOR`, `SPMC_NUM_PROCESSES`, `SPMC_PROCESS_ID`); with no values it

@@ -932,10 +932,10 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
     The dataset is CIFAR-10 when the grid has it (as in the paper), else the grid's first
     dataset; values are averaged over seeds. Returns the dataset plotted (None: no rows).
     """
+    # A bare Figure, not pyplot: no global backend switch (a notebook keeps its own) and no
+    # figure left registered in pyplot's state.
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     dataset = "cifar10" if "cifar10" in spec.datasets else spec.datasets[0]
@@ -945,8 +945,9 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
     names = load_published().get("method_names", {})
     defenses = _row_order(spec.defenses)
     n_g = len(spec.gammas)
-    fig, axes = plt.subplots(n_g, 2, figsize=(9.0, 3.0 * n_g + 0.8), squeeze=False)
-    colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # 10 baselines, SPMC in black
+    fig = Figure(figsize=(9.0, 3.0 * n_g + 0.8))
+    axes = fig.subplots(n_g, 2, squeeze=False)
+    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]  # 10 baselines, SPMC in black
     for gi, g in enumerate(spec.gammas):
         for ki, key in enumerate(("A", "R")):
             ax = axes[gi, ki]
@@ -987,7 +988,6 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
     legend_in = 0.1 + 0.2 * math.ceil(len(labels) / 6)  # inches below the panels
     fig.tight_layout(rect=(0, legend_in / (3.0 * n_g + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return dataset
 
 

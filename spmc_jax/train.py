@@ -5,6 +5,8 @@ Outputs in `--out` (default `runs/<dataset>-<defense>-<attack>-g<γ>-s<seed>`):
   summary.json   full config, package versions, device, the plan, last-5-round means
   plan.json      the plan (also written by --dry-run)
   curves.png     A and R per round
+  checkpoints/   with --checkpoint-every N: the run state after completed rounds (orbax);
+                 --resume continues from the latest one
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from spmc_jax.config import (
 from spmc_jax.registry import parse_kv
 
 DEFAULTS = Config()
+DEFAULT_KEEP = 2  # = checkpoint.DEFAULT_KEEP (not imported: that module loads JAX and orbax)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--devices", default="auto", help="'auto' or a device count for the client axis")
     e.add_argument(
+        "--client-data",
+        default=DEFAULTS.client_data,
+        help=(
+            "with several devices: 'blocks' (each device stores only its block of clients' "
+            "images; partial participation samples m/D per block), 'replicated' (every device "
+            "stores all images; sampling and results as on one device), 'auto' (blocks under "
+            "full participation, replicated under partial participation)"
+        ),
+    )
+    e.add_argument(
         "--cpu-devices",
         type=int,
         default=None,
@@ -219,6 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate, build the partition, write the plan and exit without training",
     )
     e.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    e.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "save the whole run state to OUT/checkpoints at the end of each evaluation block "
+            "whose end round is a multiple of N, and after the last round (the last "
+            f"{DEFAULT_KEEP} kept); 0 = off"
+        ),
+    )
+    e.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue the run in --out from its latest checkpoint: the same numbers as an "
+            "uninterrupted run (the config must match; --rounds may grow); metrics.jsonl keeps "
+            "the checkpointed rounds' lines and appends. Add --checkpoint-every to keep saving"
+        ),
+    )
     return p
 
 
@@ -270,6 +303,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         eval_batch=args.eval_batch,
         client_chunk=args.client_chunk,
         stream_aggregation=args.stream_aggregation,
+        client_data=args.client_data,
         devices=args.devices,
         coordinator=args.coordinator,
         num_processes=args.num_processes,
@@ -308,13 +342,12 @@ def _fmt(v: float | None, w: int = 6) -> str:
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """A and R per evaluated round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend switch (a notebook keeps its own).
+    from matplotlib.figure import Figure
 
     rows = [h for h in history if h.get("A") is not None]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    ax = fig.subplots(1, 2)
     for i, key in enumerate(("A", "R")):
         ax[i].plot([h["round"] for h in rows], [h[key] for h in rows], marker="o", ms=3)
         ax[i].set_xlabel("round")
@@ -323,7 +356,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,14 +377,78 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args).validate()
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise ValueError(f"--data-dir {cfg.data_dir!r} is not a readable directory")
+        if args.checkpoint_every < 0:
+            raise ValueError(
+                f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}"
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return execute(cfg, dry_run=args.dry_run, quiet=args.quiet)
+    return execute(
+        cfg,
+        dry_run=args.dry_run,
+        quiet=args.quiet,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
 
 
-def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
-    """Load data, plan, (train), write outputs. Returns the exit code."""
+def _resume_point(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check that `out` can be resumed under `cfg`, reading only JSON (no data, no compute).
+
+    Returns:
+      (the latest checkpoint's metadata, metrics.jsonl's rows of its completed rounds).
+
+    Raises:
+      ValueError: no run directory, no checkpoint, a config that changes the numbers, or a
+        metrics.jsonl that lacks rows of the completed rounds.
+    """
+    from spmc_jax.checkpoint import CHECKPOINT_SUBDIR, check_resume, latest_metadata
+
+    if not out.is_dir():
+        raise ValueError(
+            f"--resume: the output directory {str(out)!r} does not exist; pass the --out of "
+            "the run to resume"
+        )
+    meta = latest_metadata(out / CHECKPOINT_SUBDIR)
+    if meta is None:
+        raise ValueError(
+            f"--resume: {str(out)!r} holds no checkpoint ({out / CHECKPOINT_SUBDIR} is missing "
+            "or empty); the run must have been started with --checkpoint-every N"
+        )
+    check_resume(meta, cfg.to_dict())
+    done = int(meta["rounds_done"])
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut off by the interruption: past the checkpoint anyway
+        if row["round"] < done:
+            rows.append(row)
+    if [row["round"] for row in rows] != list(range(done)):
+        raise ValueError(
+            f"--resume: {path} holds rows for rounds {[row['round'] for row in rows][:20]} but "
+            f"the checkpoint has {done} completed rounds (0..{done - 1})"
+        )
+    return meta, rows
+
+
+def execute(
+    cfg: Config,
+    dry_run: bool = False,
+    quiet: bool = False,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> int:
+    """Load data, plan, (train), write outputs. Returns the exit code.
+
+    With `resume`, the run in `--out` continues from its latest checkpoint (checked before
+    any data is loaded); with `checkpoint_every` N > 0, the state is saved after each
+    evaluation block ending on a multiple of N and after the last round.
+    """
     from spmc_jax.data import load_dataset
     from spmc_jax.data.sources import DatasetNotFoundError
     from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
@@ -360,6 +456,14 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
     from spmc_jax.runinfo import environment
 
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    meta: dict[str, Any] | None = None
+    kept: list[dict[str, Any]] = []
+    if resume:
+        try:
+            meta, kept = _resume_point(cfg, out)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, fetch=cfg.fetch)
         plan = make_plan(cfg, ds)
@@ -385,6 +489,8 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
         + (f" of {avail / 2**30:.1f} GiB" if avail else "")
         + ("" if fits else " -- does NOT fit, even one client at a time")
     )
+    if not fits and plan.memory_advice:
+        print(f"to fit: {plan.memory_advice}")
     if plan.shared_shards:
         print(
             "note: more clients than the data allows disjoint shards of --min-size; clients "
@@ -396,14 +502,40 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
     if not fits:
         print(
             f"error: estimated memory {est / 2**30:.1f} GiB does not fit the device "
-            f"({(avail or 0) / 2**30:.1f} GiB) even with --client-chunk 1; use fewer clients per "
-            "round or a defense without per-client state (SPMC keeps a teacher per client)",
+            f"({(avail or 0) / 2**30:.1f} GiB) even with --client-chunk 1: {plan.memory_advice}",
             file=sys.stderr,
         )
         return 2
 
+    from spmc_jax import checkpoint as ckpt_lib
+
+    ckpt_dir = out / ckpt_lib.CHECKPOINT_SUBDIR
+    if meta is None and ckpt_lib.clear(ckpt_dir):
+        # A fresh run rewrites metrics.jsonl: an older run's checkpoints would resume into it.
+        print(f"note: removed the earlier run's checkpoints in {ckpt_dir}")
+    sim = Simulation(cfg, ds, plan)
+    client_devices = 1 if sim.mesh is None else sim.mesh.size
+    state, done = None, 0
+    if meta is not None:
+        try:
+            ckpt_lib.check_resume(meta, cfg.to_dict(), client_devices)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        done = int(meta["rounds_done"])
+        with ckpt_lib.Checkpointer(ckpt_dir) as reader:
+            state, _ = reader.restore(sim.init_state(), done)
+        print(f"resuming after round {done} from {ckpt_dir}")
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir) if checkpoint_every > 0 else None
+
+    def on_checkpoint(state: Any, rounds_done: int) -> None:
+        if ckpt is not None and (rounds_done % checkpoint_every == 0 or rounds_done == cfg.rounds):
+            ckpt.save(state, rounds_done, cfg.to_dict(), client_devices)
+
     metrics_path = out / "metrics.jsonl"
-    fh = metrics_path.open("w")
+    # Resuming: keep the checkpointed rounds' lines, drop any written after the checkpoint.
+    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    fh = metrics_path.open("a")
     t_start = time.perf_counter()
 
     def on_round(row: dict[str, Any]) -> None:
@@ -417,9 +549,21 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
                 flush=True,
             )
 
-    sim = Simulation(cfg, ds, plan)
-    result = run(cfg, ds, on_round=on_round, sim=sim)
-    fh.close()
+    try:
+        result = run(
+            cfg,
+            ds,
+            on_round=on_round,
+            sim=sim,
+            state=state,
+            start_round=done,
+            history=kept,
+            on_checkpoint=on_checkpoint,
+        )
+    finally:
+        fh.close()
+        if ckpt is not None:
+            ckpt.close()  # waits for the last asynchronous save
     final = last_k_means(result.history)
     summary = {
         "config": cfg.to_dict(),
@@ -428,6 +572,8 @@ def execute(cfg: Config, dry_run: bool = False, quiet: bool = False) -> int:
         "conv_impl": sim.conv_impl,
         "r_trigger": sim.r_trigger,
         "last5": final,
+        "resumed_from_round": done if meta is not None else None,
+        "checkpoint_every": checkpoint_every,
         "wall_seconds": time.perf_counter() - t_start,
         "mean_attacker_weight": float(
             sum(h["attacker_weight"] for h in result.history) / len(result.history)

@@ -100,3 +100,36 @@ def test_optimizer_matches_pytorch_sgd_formula():
         buf = d if buf is None else 0.9 * buf + d
         w_np = w_np - 0.1 * buf
     np.testing.assert_allclose(np.asarray(w), w_np, rtol=1e-6)
+
+
+def test_spmc_step_with_teacher_equal_to_student_projects_nothing():
+    # spmc_reference.md §3.3: at the first step of round 0 (student = teacher) G_g = 0, the
+    # cosine is NaN, nothing is projected: the SPMC step must be the plain SGD step, bit for
+    # bit. (Two separately compiled forward passes differ by rounding; projecting onto that
+    # noise changed 0-14 SimpleCNN tensors per step before the fix.)
+    from spmc_jax.client import SpmcClientOptions, epoch_order, make_client_step
+
+    data, variables, _ = _setup()
+    model = get_model("simple_cnn", conv_impl="patches")
+    transform = make_train_transform("mnist", MEAN["mnist"], STD["mnist"], False)
+    tx = make_optimizer(0.01, 0.9, 1e-5)
+    plain = make_client_step(model, transform, tx, batch_size=B)
+    spmc = make_client_step(model, transform, tx, batch_size=B, spmc=SpmcClientOptions(1.0, False))
+    opt = tx.init(variables["params"])
+    on = jnp.asarray(False)
+    for i, key in enumerate(jax.random.split(jax.random.key(7), 4)):
+        task = _task(np.arange(i * 24, i * 24 + 24), 24, key)
+        perm, k = epoch_order(task, jnp.asarray(0, jnp.int32))
+        a = jax.jit(spmc)(variables, opt, variables, data, task, on, perm, k, 0)
+        b = jax.jit(plain)(variables, opt, variables, data, task, on, perm, k, 0)
+        assert float(a.projected) == 0.0
+        for x, y in zip(_leaves(a.variables), _leaves(b.variables), strict=True):
+            np.testing.assert_array_equal(x, y)
+    # A different teacher still guides (the check is equality, not closeness).
+    teacher = jax.tree.map(lambda v: v * 1.5, variables)
+    hits = 0.0
+    for i, key in enumerate(jax.random.split(jax.random.key(8), 4)):
+        task = _task(np.arange(i * 24, i * 24 + 24), 24, key)
+        perm, k = epoch_order(task, jnp.asarray(0, jnp.int32))
+        hits += float(jax.jit(spmc)(variables, opt, teacher, data, task, on, perm, k, 0).projected)
+    assert hits > 0

@@ -9,7 +9,13 @@ import pytest
 
 from spmc_jax import engine
 from spmc_jax.config import Config
-from spmc_jax.engine import Simulation, choose_client_chunk, estimate_memory, make_plan
+from spmc_jax.engine import (
+    Simulation,
+    choose_client_chunk,
+    estimate_memory,
+    fit_advice,
+    make_plan,
+)
 
 TINY = dict(rounds=1, local_epochs=1, batch_size=16, gamma=0.25, eval_batch=150)
 
@@ -72,6 +78,29 @@ def test_auto_chunk_picks_the_largest_fitting_chunk():
         choose_client_chunk(cfg.replace(client_chunk=60), dim, act, data, budget)
     with pytest.raises(ValueError, match="even --client-chunk 1"):
         choose_client_chunk(cfg, dim, act, data, budget=1.0)
+
+
+def test_fit_advice_names_what_would_fit():
+    cfg = Config(defense="fedavg", clients=1000)
+    dim, act, data = 100_000, 5_000, 1_000
+    # Room for ~300 rows of the round matrices, far from 1000 participants.
+    budget = estimate_memory(cfg.replace(clients_per_round=300), dim, act, data, 1)["total"]
+    with pytest.raises(ValueError, match="even --client-chunk 1") as err:
+        choose_client_chunk(cfg, dim, act, data, budget)
+    msg = str(err.value)
+    assert "--stream-aggregation" in msg  # FedAvg: streaming needs no (m, d) matrix
+    m = int(msg.split("--clients-per-round to ")[1].split()[0])
+    assert m == 300  # the largest m that fits: m fits, m + 1 does not
+
+    def need(m: int) -> float:
+        return estimate_memory(cfg.replace(clients_per_round=m), dim, act, data, 1)["total"]
+
+    assert need(m) <= budget < need(m + 1)
+    # SPMC with teachers for all N: the O(m·d) teacher option is suggested, streaming is not.
+    spmc = Config(defense="spmc", clients=1000, clients_per_round=100, spmc_teachers="all")
+    budget = estimate_memory(spmc.replace(spmc_teachers="last_round"), dim, act, data, 1)["total"]
+    advice = fit_advice(spmc, dim, act, data, budget)
+    assert "--spmc-teachers last_round" in advice and "--stream-aggregation" not in advice
 
 
 def test_cpu_prefers_one_client_at_a_time_unless_told(blobs):

@@ -49,11 +49,33 @@ WORKER = textwrap.dedent(
                 weights=[h["client_weights"] for h in res.history],
                 A=[h["A"] for h in res.history],
             )
-    # Partial participation over 4 devices: 8 clients, 4 per round, one block per device.
-    cfg = Config(defense="spmc", model="mlp", clients=8, clients_per_round=4, rounds=2,
-                 local_epochs=1, batch_size=16, gamma=0.25, eval_batch=100, devices="4")
+    # Partial participation, default client data (auto = replicated): same participants and
+    # same numbers as one device.
+    for defense in ("fedavg", "spmc"):
+        for dev in ("1", "4"):
+            cfg = Config(defense=defense, model="mlp", clients=8, clients_per_round=4,
+                         rounds=2, local_epochs=1, batch_size=16, gamma=0.25, eval_batch=100,
+                         devices=dev)
+            sim = Simulation(cfg, ds)
+            res = run(cfg, ds, sim=sim)
+            out["partial_" + defense + dev] = dict(
+                ids=[h["client_ids"] for h in res.history],
+                global_flat=np.asarray(res.state.global_flat).tolist(),
+                weights=[h["client_weights"] for h in res.history],
+                n_blocks=sim.n_blocks,
+                x_shards=len(sim.data.train.x.sharding.device_set),
+                x_shape=list(sim.data.train.x.shape),
+            )
+    # Partial participation over 4 devices, client data in blocks: one block per device.
+    cfg = Config(defense="spmc", model="mlp", clients=8, clients_per_round=4, rounds=3,
+                 local_epochs=1, batch_size=16, gamma=0.25, eval_batch=100, devices="4",
+                 client_data="blocks")
     sim = Simulation(cfg, ds)
-    res = run(cfg, ds, sim=sim)
+    compiles, after_round = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
+    )
+    res = run(cfg, ds, sim=sim, on_round=lambda row: after_round.append(len(compiles)))
     x = sim.data.train.x
     out["partial"] = dict(
         ids=[h["client_ids"] for h in res.history],
@@ -62,6 +84,11 @@ WORKER = textwrap.dedent(
         shard_index=[sh.index[0].start for sh in x.addressable_shards],
         members=[np.asarray(m).tolist() for m in sim.block_members],
         finite=bool(np.isfinite(np.asarray(res.state.global_flat)).all()),
+        compiles_after_round=after_round,
+        same_shardings=[
+            a.sharding == b.sharding
+            for a, b in zip(jax.tree.leaves(sim.init_state()), jax.tree.leaves(res.state))
+        ],
     )
     print("RESULT" + json.dumps(out))
     """
@@ -96,6 +123,24 @@ def test_sharded_round_equals_single_device(sharded_results, defense):
         assert abs(x - y) <= 100 / 100 + 1e-6  # at most one of the 100 test images flips
 
 
+@pytest.mark.parametrize("defense", ["fedavg", "spmc"])
+def test_partial_participation_with_replicated_data_equals_single_device(
+    sharded_results, defense
+):
+    """With partial participation the default client data is replicated: the same uniformly
+    sampled participants as on one device, and the same model up to float32 summation order
+    (two rounds: round 2 has clients with and without a last-round SPMC teacher)."""
+    one = sharded_results[f"partial_{defense}1"]
+    four = sharded_results[f"partial_{defense}4"]
+    # Uniform sampling as on one device, every device holding the whole (1, U, ...) train set.
+    assert four["n_blocks"] == 1 and four["x_shards"] == 4 and four["x_shape"][0] == 1
+    assert four["ids"] == one["ids"]
+    a, b = np.asarray(one["global_flat"]), np.asarray(four["global_flat"])
+    # Same tolerance as the full-participation comparison above (cross-client sum order).
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    np.testing.assert_allclose(four["weights"], one["weights"], rtol=1e-4, atol=1e-6)
+
+
 def test_each_device_holds_and_trains_only_its_block_of_clients(sharded_results):
     r = sharded_results["partial"]
     # 8 clients over 4 devices: blocks {0,1}, {2,3}, {4,5}, {6,7}; each round samples 1 of 2
@@ -110,6 +155,11 @@ def test_each_device_holds_and_trains_only_its_block_of_clients(sharded_results)
     flat = [i for m in r["members"] for i in m]
     assert len(flat) == len(set(flat))
     assert r["finite"]
+    # The state leaves a round as it entered it (SPMC's teachers stay split over the client
+    # axis), so rounds 2 and 3 reuse round 1's compiled program: no compile after round 1.
+    assert all(r["same_shardings"])
+    assert r["compiles_after_round"][0] > 0
+    assert r["compiles_after_round"][2] == r["compiles_after_round"][0]
 
 
 def test_client_blocks_reindex_each_block_onto_its_own_samples():

@@ -1,0 +1,61 @@
+"""Smoke tests of the benchmark scripts: each runs end to end on a tiny configuration and
+writes well-formed JSON. They check structure and arithmetic between fields, never speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_round_throughput_tiny(tmp_path):
+    out = tmp_path / "r.json"
+    args = "--clients 2 --defense fedavg --samples 64 --repeats 1 --seq-max 1 --vmap-max 2"
+    assert _load("round_throughput").main([*args.split(), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert row["K"] == 2 and row["client_steps"] == 2 * 1  # 64 images / batch 64, 1 epoch
+    for name in ("engine", "vmap", "seq_step", "seq_client"):
+        t = row[name]
+        assert t["wall_s"] > 0 and math.isclose(
+            t["client_steps_per_s"], row["client_steps"] / t["wall_s"], rel_tol=1e-9
+        )
+    # The sequential loops ran on 1 client and were scaled to K = 2.
+    assert row["seq_client"]["measured_clients"] == 1
+    ratio = row["seq_client"]["wall_s"] / row["engine"]["wall_s"]
+    assert math.isclose(row["ratio_engine_vs_seq_client_wall"], ratio, rel_tol=1e-9)
+    assert res["environment"]["backend"] == "cpu"
+
+
+def test_aggregator_scaling_tiny(tmp_path):
+    out = tmp_path / "a.json"
+    argv = ["--n", "4", "--d", "1000", "--repeats", "1", "--json", str(out)]
+    report = _load("aggregator_scaling").main(argv)  # returns the report it writes
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    text = out.read_text()
+    assert "spmc" in text and "margin_contribution" in text and "naive_loo" in text
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_core_scaling_one_core(tmp_path):
+    out = tmp_path / "c.json"
+    argv = ["--clients", "2", "--repeats", "1", "--max-cores", "1", "--json", str(out)]
+    assert _load("core_scaling").main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    # One core is the baseline itself: speed-up 1, bound 1 / 1.
+    assert run["cores"] == 1 and run["speedup_seq_client"] == 1.0
+    assert run["bound_client_parallel_vs_loop"] == 1.0 and run["seq_client_s_per_step"] > 0
