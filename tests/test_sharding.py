@@ -124,9 +124,7 @@ def test_sharded_round_equals_single_device(sharded_results, defense):
 
 
 @pytest.mark.parametrize("defense", ["fedavg", "spmc"])
-def test_partial_participation_with_replicated_data_equals_single_device(
-    sharded_results, defense
-):
+def test_partial_participation_with_replicated_data_equals_single_device(sharded_results, defense):
     """With partial participation the default client data is replicated: the same uniformly
     sampled participants as on one device, and the same model up to float32 summation order
     (two rounds: round 2 has clients with and without a last-round SPMC teacher)."""
