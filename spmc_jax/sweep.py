@@ -13,7 +13,8 @@ A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol
   cells/<id>.jsonl, cells/<id>.json
                  a cell's rows and, written atomically once it finished, its summary: the
                  summary is the "done" marker, so a restarted sweep skips finished cells and
-                 reruns a killed one from scratch (results.jsonl is rebuilt from finished
+                 reruns a killed one from scratch, or with --checkpoint-every N from its
+                 latest checkpoint in cells/<id>.ckpt (results.jsonl is rebuilt from finished
                  cells only, so it never holds duplicate or partial rows)
   .jax_cache/    JAX's persistent compilation cache: cells whose programs are identical (same
                  shapes and static configuration, e.g. FedAvg at γ 0.2 and 0.3) and resumed or
@@ -297,6 +298,21 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def _rows_before(path: Path, rounds_done: int) -> list[dict[str, Any]] | None:
+    """A killed cell's rows of rounds 0..rounds_done-1 (a torn last line ends the read);
+    None when any of them is missing."""
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row["round"] < rounds_done:
+                rows.append(row)
+    return rows if [r["round"] for r in rows] == list(range(rounds_done)) else None
+
+
 def load_finished(out: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
     """Summaries of the grid's finished cells in `out` (cell id -> summary).
 
@@ -474,11 +490,18 @@ def run_cell(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], object] = print,
     quiet: bool = False,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Train one cell, streaming its rows to cells/<id>.jsonl, then write its summary.
 
+    With `checkpoint_every` N > 0 the cell's run state is saved to cells/<id>.ckpt after each
+    evaluation block ending on a multiple of N; a cell killed mid-way then resumes from its
+    latest checkpoint (same numbers as an uninterrupted run) instead of from round 0. The
+    checkpoints are deleted once the cell has finished.
+
     Returns the summary (also written atomically to cells/<id>.json, the "done" marker).
     """
+    from spmc_jax import checkpoint as ckpt_lib
     from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
     from spmc_jax.metrics import last_k_means
 
@@ -494,9 +517,34 @@ def run_cell(
         )
     sim = Simulation(cfg, ds, plan)
     build_s = time.perf_counter() - t0
-    rows: list[dict[str, Any]] = []
-    # "w": a killed earlier attempt's partial rows are discarded.
+    ckpt_dir = rows_path.with_suffix(".ckpt")
+    client_devices = 1 if sim.mesh is None else sim.mesh.size
+    state, start, kept = None, 0, []
+    meta = ckpt_lib.latest_metadata(ckpt_dir) if checkpoint_every > 0 else None
+    if meta is not None:
+        try:
+            ckpt_lib.check_resume(meta, cfg.to_dict(), client_devices)
+            rows_so_far = _rows_before(rows_path, int(meta["rounds_done"]))
+        except ValueError as err:
+            log(f"    checkpoint not used ({err}); the cell starts from round 0")
+            rows_so_far = None
+        if rows_so_far is not None:
+            start, kept = int(meta["rounds_done"]), rows_so_far
+            with ckpt_lib.Checkpointer(ckpt_dir) as reader:
+                state, _ = reader.restore(sim.init_state(), start)
+            log(f"    resuming after round {start} from {ckpt_dir}")
+    if start == 0:
+        ckpt_lib.clear(ckpt_dir)  # stale or unusable: this attempt starts afresh
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir) if checkpoint_every > 0 else None
+
+    def on_checkpoint(st: Any, rounds_done: int) -> None:
+        if ckpt is not None and rounds_done % checkpoint_every == 0 and rounds_done < cfg.rounds:
+            ckpt.save(st, rounds_done, cfg.to_dict(), client_devices)
+
+    rows: list[dict[str, Any]] = list(kept)
+    # "w": a killed earlier attempt's rows past its checkpoint (or all of them) are discarded.
     with rows_path.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in kept)
 
         def on_round(h: dict[str, Any]) -> None:
             row = tidy_row(cell, cfg, h)
@@ -512,9 +560,23 @@ def run_cell(
                     f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s"
                 )
 
-        result = run(cfg, ds, on_round=on_round, sim=sim)
+        try:
+            result = run(
+                cfg,
+                ds,
+                on_round=on_round,
+                sim=sim,
+                state=state,
+                start_round=start,
+                history=kept,  # tidy rows carry every key the summary reads
+                on_checkpoint=on_checkpoint,
+            )
+        finally:
+            if ckpt is not None:
+                ckpt.close()  # waits for an in-flight save, also when the run is killed
         fh.flush()
         os.fsync(fh.fileno())
+    ckpt_lib.clear(ckpt_dir)  # finished: the summary below is the cell's record
     hist = result.history
     later = [h["seconds"] for h in hist[1:]]
     summary = {
@@ -523,6 +585,7 @@ def run_cell(
         "attack": cfg.attack,
         "local_epochs": plan.epochs,
         "rows": len(rows),
+        "resumed_from_round": start or None,
         "last5": last_k_means(hist),
         "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
         "r_trigger": sim.r_trigger,
@@ -578,6 +641,7 @@ def run_sweep(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], object] = print,
     quiet: bool = False,
+    checkpoint_every: int = 0,
 ) -> SweepResult:
     """Run every unfinished cell of `spec` into `out`, then render the table and figure.
 
@@ -590,6 +654,8 @@ def run_sweep(
       on_row: called with every results row as it is produced.
       log: progress printer.
       quiet: no per-round lines.
+      checkpoint_every: N > 0 saves each running cell's state every N rounds, so a killed
+        sweep resumes its interrupted cell mid-way (see `run_cell`); 0 reruns it from round 0.
     """
     from spmc_jax.runinfo import environment
 
@@ -649,6 +715,7 @@ def run_sweep(
                     on_row=on_row,
                     log=log,
                     quiet=quiet,
+                    checkpoint_every=checkpoint_every,
                 )
                 done[cell.id] = summary
                 ran.append(cell.id)
@@ -1050,6 +1117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the grid, list its cells (finished or not) and exit",
     )
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save the running cell's state every N rounds, so a killed sweep resumes that "
+        "cell mid-way (same numbers) instead of from round 0; 0 = off",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     return p
 
@@ -1132,6 +1207,10 @@ def main(
 
     try:
         spec = spec_from_args(args)
+        if args.checkpoint_every < 0:
+            raise ValueError(
+                f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}"
+            )
         out = Path(args.out)
         if args.dry_run:
             done = load_finished(out, spec) if out.is_dir() else {}
@@ -1149,6 +1228,7 @@ def main(
             jax_cache=jax_cache and not args.no_jax_cache,
             quiet=args.quiet,
             log=lambda s: print(s, flush=True),
+            checkpoint_every=args.checkpoint_every,
         )
     except (ValueError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
