@@ -29,6 +29,9 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from round_throughput import write_json  # noqa: E402
 
 
 def run_pinned(cores: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -98,14 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{last['bound_client_parallel_vs_loop']:.2f}x on this machine"
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(
-                {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs},
-                fh,
-                indent=1,
-            )
-        print(f"wrote {args.json}")
+        date = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(args.json, {"args": vars(args), "date": date, "runs": runs})
     return 0
 
 

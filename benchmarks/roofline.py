@@ -35,7 +35,6 @@ Nothing here asserts anything about time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -52,7 +51,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
-from round_throughput import bench_simulation, environment  # noqa: E402
+from round_throughput import bench_simulation, environment, write_json  # noqa: E402
 
 from spmc_jax.client import ClientTask, epoch_order  # noqa: E402
 from spmc_jax.engine import first_block  # noqa: E402
@@ -410,20 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         "(no elementwise, augmentation, optimizer). % peak: against the measured f32 matmul peak."
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "environment": env,
-                    "args": vars(args),
-                    "matmul": matmul,
-                    "peaks": peaks,
-                    "results": results,
-                },
-                fh,
-                indent=1,
-            )
-        print(f"wrote {args.json}")
+        payload = {
+            "environment": env,
+            "args": vars(args),
+            "matmul": matmul,
+            "peaks": peaks,
+            "results": results,
+        }
+        write_json(args.json, payload)
     return 0
 
 

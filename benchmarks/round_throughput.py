@@ -187,6 +187,14 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     return res
 
 
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results (creating the folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    print(f"wrote {path}")
+
+
 def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
@@ -292,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Sequential loops run on <= {args.seq_max} clients, scaled linearly to K."
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "args": vars(args), "rows": rows}, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
     return 0
 
 

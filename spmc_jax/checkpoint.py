@@ -369,6 +369,24 @@ def latest_metadata(directory: str | Path) -> dict[str, Any] | None:
         return None if step is None else ckpt.metadata(step)
 
 
+def completed_rows(path: str | Path, rounds_done: int) -> list[dict[str, Any]] | None:
+    """The rows of rounds 0..rounds_done-1 in a run's JSON-lines log, to keep on resume.
+
+    A line torn by the interruption ends the read (it is past the checkpoint anyway); rows of
+    later rounds are dropped. Returns None when a completed round's row is missing.
+    """
+    rows: list[dict[str, Any]] = []
+    p = Path(path)
+    for line in p.read_text(encoding="utf-8").splitlines() if p.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row["round"] < rounds_done:
+            rows.append(row)
+    return rows if [r["round"] for r in rows] == list(range(rounds_done)) else None
+
+
 def clear(directory: str | Path) -> bool:
     """Delete a checkpoint directory (stale checkpoints of an earlier run in the same --out).
 

@@ -40,6 +40,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 from spmc_jax.config import DATASETS, MODELS, PROTOCOLS, Config
 from spmc_jax.data.types import Dataset
+from spmc_jax.train import fmt_pct as _fmt
+from spmc_jax.train import round_line
 
 # The paper's Table 2: rows (methods) and columns (datasets) in its order.
 PAPER_DEFENSES = (
@@ -298,21 +300,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _rows_before(path: Path, rounds_done: int) -> list[dict[str, Any]] | None:
-    """A killed cell's rows of rounds 0..rounds_done-1 (a torn last line ends the read);
-    None when any of them is missing."""
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if row["round"] < rounds_done:
-                rows.append(row)
-    return rows if [r["round"] for r in rows] == list(range(rounds_done)) else None
-
-
 def load_finished(out: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
     """Summaries of the grid's finished cells in `out` (cell id -> summary).
 
@@ -450,11 +437,6 @@ def _default_loader(log: Callable[[str], object]) -> DatasetLoader:
     return load
 
 
-def _fmt(v: float | None, w: int = 6) -> str:
-    # `+ 0.0` turns the -0.0 of a tiny negative (R = 100 - 100.000001) into 0.0.
-    return f"{round(v, 2) + 0.0:{w}.2f}" if v is not None else " " * (w - 1) + "–"
-
-
 def tidy_row(cell: Cell, cfg: Config, h: dict[str, Any]) -> dict[str, Any]:
     """One results.jsonl row from an engine history row."""
     return {
@@ -524,7 +506,7 @@ def run_cell(
     if meta is not None:
         try:
             ckpt_lib.check_resume(meta, cfg.to_dict(), client_devices)
-            rows_so_far = _rows_before(rows_path, int(meta["rounds_done"]))
+            rows_so_far = ckpt_lib.completed_rows(rows_path, int(meta["rounds_done"]))
         except ValueError as err:
             log(f"    checkpoint not used ({err}); the cell starts from round 0")
             rows_so_far = None
@@ -554,11 +536,7 @@ def run_cell(
             if on_row is not None:
                 on_row(row)
             if not quiet and row["A"] is not None:
-                log(
-                    f"    round {row['round'] + 1:>3}/{cfg.rounds}  A {_fmt(row['A'])}  "
-                    f"R {_fmt(row['R'])}  V {_fmt(row['V'])}  "
-                    f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s"
-                )
+                log("    " + round_line(row, cfg.rounds))
 
         try:
             result = run(

@@ -332,11 +332,20 @@ def list_registry(kind: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt(v: float | None, w: int = 6) -> str:
+def fmt_pct(v: float | None, w: int = 6) -> str:
+    """A percentage with 2 decimals, right-aligned in `w` characters; '–' for None or NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return " " * (w - 1) + "–"
+    # `+ 0.0` turns the -0.0 of a tiny negative (R = 100 - 100.000001) into 0.0.
+    return f"{round(v, 2) + 0.0:{w}.2f}"
+
+
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """The progress line of one evaluated round (train and sweep print it)."""
     return (
-        f"{v:{w}.2f}"
-        if v is not None and not (isinstance(v, float) and math.isnan(v))
-        else " " * (w - 1) + "–"
+        f"round {row['round'] + 1:>3}/{rounds}  A {fmt_pct(row['A'])}  "
+        f"R {fmt_pct(row['R'])}  V {fmt_pct(row['V'])}  "
+        f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s/round"
     )
 
 
@@ -403,7 +412,12 @@ def _resume_point(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str
       ValueError: no run directory, no checkpoint, a config that changes the numbers, or a
         metrics.jsonl that lacks rows of the completed rounds.
     """
-    from spmc_jax.checkpoint import CHECKPOINT_SUBDIR, check_resume, latest_metadata
+    from spmc_jax.checkpoint import (
+        CHECKPOINT_SUBDIR,
+        check_resume,
+        completed_rows,
+        latest_metadata,
+    )
 
     if not out.is_dir():
         raise ValueError(
@@ -419,19 +433,11 @@ def _resume_point(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str
     check_resume(meta, cfg.to_dict())
     done = int(meta["rounds_done"])
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut off by the interruption: past the checkpoint anyway
-        if row["round"] < done:
-            rows.append(row)
-    if [row["round"] for row in rows] != list(range(done)):
+    rows = completed_rows(path, done)
+    if rows is None:
         raise ValueError(
-            f"--resume: {path} holds rows for rounds {[row['round'] for row in rows][:20]} but "
-            f"the checkpoint has {done} completed rounds (0..{done - 1})"
+            f"--resume: {path} lacks rows of some of the checkpoint's {done} completed rounds "
+            f"(0..{done - 1})"
         )
     return meta, rows
 
@@ -542,12 +548,7 @@ def execute(
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         if not quiet and row.get("A") is not None:
-            print(
-                f"round {row['round'] + 1:>3}/{cfg.rounds}  A {_fmt(row['A'])}  "
-                f"R {_fmt(row['R'])}  V {_fmt(row['V'])}  "
-                f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s/round",
-                flush=True,
-            )
+            print(round_line(row, cfg.rounds), flush=True)
 
     try:
         result = run(
@@ -586,8 +587,8 @@ def execute(
         f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}",
     )
     print(
-        f"last-5-round means: A {_fmt(final['A'])}  R {_fmt(final['R'])}  "
-        f"R(excl. target) {_fmt(final['R_excl_target'])}  V {_fmt(final['V'])}"
+        f"last-5-round means: A {fmt_pct(final['A'])}  R {fmt_pct(final['R'])}  "
+        f"R(excl. target) {fmt_pct(final['R_excl_target'])}  V {fmt_pct(final['V'])}"
     )
     print(f"outputs: {out}/metrics.jsonl, summary.json, curves.png")
     return 0

@@ -28,6 +28,8 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from tests.tables import table_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL_NAME = "spmc-jax-notebook-test"
@@ -170,24 +172,6 @@ def _parse_cell(text: str) -> list[float]:
     return [float(re.sub(r"[*↑↓]", "", x)) for x in text.split(" / ")]
 
 
-def _table_rows(table_md: str, gamma: str) -> dict[str, list[str]]:
-    """{row label: cells} of one γ section of table.md; published rows as 'published <m>'."""
-    section = table_md.split(f"## γ = {gamma}\n")[1].split("\n## ")[0]
-    rows: dict[str, list[str]] = {}
-    last = None
-    for line in section.splitlines():
-        if not line.startswith("| ") or line.startswith("| method"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        label = cells[0]
-        if label == "*published*":
-            label = f"published {last}"
-        else:
-            last = label
-        rows[label] = cells[1:]
-    return rows
-
-
 def test_tpu_sweep_shards_clients_renders_table_and_times_rounds(tmp_path, real_dataset):
     real_dataset("mnist")
     nb, res = run_notebook("tpu_sweep.ipynb", "sweep_result", tmp_path, fake_devices=FAKE_DEVICES)
@@ -222,7 +206,7 @@ def test_tpu_sweep_shards_clients_renders_table_and_times_rounds(tmp_path, real_
     published = {(r["gamma"], r["method"], r["dataset"]): r for r in paper["rows"]}
     names = {"fedavg": "FedAvg", "spmc": "SPMC"}
     for g in ("0.2", "0.3"):
-        rows = _table_rows(res["table_md"], g)
+        rows = table_rows(res["table_md"], g)
         assert set(rows) == {"FedAvg", "published FedAvg", "SPMC", "published SPMC"}
         for d, label in names.items():
             ours = cells[f"mnist-{d}-g{g}-s0-paper"]

@@ -22,6 +22,7 @@ import pytest
 from spmc_jax import sweep
 from spmc_jax.config import Config
 from spmc_jax.data.synthetic import make_synthetic
+from tests.tables import table_rows
 
 # A tiny grid: 2 defenses x 1 dataset x 1 gamma. gamma 0.3 of 4 clients = 1 attacker, and
 # the paper has published numbers for gamma 0.3, so the table shows them.
@@ -94,23 +95,6 @@ def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
         assert summary["timing"]["backend_compile_s"] > 0  # the compile meter saw compiles
 
 
-def _table_rows(text: str, gamma: str) -> dict[str, list[str]]:
-    """{row label: [cells]} of the γ section (published rows keyed 'published <method>')."""
-    section = text.split(f"## γ = {gamma}")[1].split("\n## ")[0]
-    out, last = {}, None
-    for line in section.splitlines():
-        if not line.startswith("| ") or line.startswith("| method"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        label = cells[0]
-        if label == "*published*":
-            label = f"published {last}"
-        else:
-            last = label
-        out[label] = cells[1:]
-    return out
-
-
 def _parse_cell(cell: str) -> list[float]:
     return [float(re.sub(r"[*↑↓]", "", x)) for x in cell.split(" / ")]
 
@@ -119,7 +103,7 @@ def test_table_has_both_methods_the_paper_numbers_arrows_and_bold_best_v(swept):
     text = (swept / "table.md").read_text()
     assert "protocol: **paper" in text and "rounds: 2" in text
     assert "synthetic" in text  # the data source is named
-    rows = _table_rows(text, "0.3")
+    rows = table_rows(text, "0.3")
     assert list(rows) == ["FedAvg", "published FedAvg", "SPMC", "published SPMC"]
     # Published gamma 0.3 MNIST numbers (paper_results.md), arrows against published FedAvg.
     assert rows["published FedAvg"] == ["*99.17 / 1.27 / 50.22*"]
@@ -300,7 +284,7 @@ def test_render_table_layout_order_seed_means_ties_and_missing_cells():
         _summary("fedavg", "cifar10", 0.2, 0, 50.0, 50.0),
     ]
     text = sweep.render_table(spec, {c["cell"]: c for c in cells}, env={})
-    rows = _table_rows(text, "0.2")
+    rows = table_rows(text, "0.2")
     # Paper order (FedAvg, ..., SPMC), then other rules; krum has no published line.
     assert list(rows) == ["FedAvg", "published FedAvg", "SPMC", "published SPMC", "krum"]
     # Columns in the paper's order: CIFAR-10 before MNIST.
