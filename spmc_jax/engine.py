@@ -49,7 +49,7 @@ from spmc_jax.data.pipeline import make_test_transform, make_train_transform, pi
 from spmc_jax.data.types import INPUT_SHAPE, Dataset
 from spmc_jax.flat import Flattener
 from spmc_jax.metrics import make_evaluator
-from spmc_jax.models import get_model
+from spmc_jax.models import OUTPUT_LAYERS, get_model
 
 PyTree = Any
 
@@ -545,6 +545,12 @@ class _Proxy:
     def train(self, flat: jax.Array, key: jax.Array, epochs: int) -> jax.Array:
         return self.sim.proxy_train(flat, self.data, key, epochs)
 
+    def logits(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        return self.sim.predict(flat, x)
+
+    def inputs(self) -> tuple[jax.Array, jax.Array]:
+        return self.sim.test_transform(self.data.proxy.x), self.data.proxy.y
+
 
 class Simulation:
     """A compiled federation for one `Config` and dataset."""
@@ -648,6 +654,8 @@ class Simulation:
             param_mask=self.flat.param_mask,
             total_clients=self.N,
             proxy=None,
+            layout=self.flat.layout,
+            output_layer=OUTPUT_LAYERS[cfg.model],
         )
         self.defense_opts = self._defense_options()
         self.data = self._device_data()

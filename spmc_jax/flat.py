@@ -9,13 +9,30 @@ is what SPMC's cosine and CRFL's norm look at; aggregators average the whole vec
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
+
+
+class LeafInfo(NamedTuple):
+    """One variable tensor's place in the flat vector (`Flattener.layout`).
+
+    Attributes:
+      name: flax path, e.g. "['params']['cls']['kernel']".
+      start, stop: its coordinates are flat[start:stop].
+      shape: the tensor's shape (flax layout: conv HWIO, dense in×out).
+      is_param: trainable parameter (False: BatchNorm statistics).
+    """
+
+    name: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    is_param: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +74,23 @@ class Flattener:
     def param_mask(self) -> np.ndarray:
         """(d,) bool: True on trainable-parameter coordinates."""
         return np.concatenate([np.full(self.sizes[i], self.is_param[i], bool) for i in self.order])
+
+    @property
+    def layout(self) -> tuple[LeafInfo, ...]:
+        """Every tensor's slice of the flat vector, in flat order (parameters first).
+
+        Layer-wise rules (per-tensor statistics, the output layer's rows) read it from
+        `AggregatorEnv.layout`.
+        """
+        out, offset = [], 0
+        for i in self.order:
+            out.append(
+                LeafInfo(
+                    self.names[i], offset, offset + self.sizes[i], self.shapes[i], self.is_param[i]
+                )
+            )
+            offset += self.sizes[i]
+        return tuple(out)
 
     def ravel(self, variables: PyTree) -> jax.Array:
         leaves = jax.tree_util.tree_leaves(variables)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spmc_jax.flat import LeafInfo
+
 PyTree = Any
 
 
@@ -80,6 +82,14 @@ class ProxyOps(Protocol):
         """`epochs` passes of local SGD (the clients' optimiser) on the proxy set from `flat`."""
         ...
 
+    def logits(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        """Eval-mode logits (B, C) of model `flat` on normalised model inputs x (B, H, W, C)."""
+        ...
+
+    def inputs(self) -> tuple[jax.Array, jax.Array]:
+        """The proxy set as normalised model inputs (P, H, W, C) float32 and labels (P,)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class AggregatorEnv:
@@ -96,6 +106,10 @@ class AggregatorEnv:
       total_clients: registered clients N (>= n under partial participation), for
         per-client persistent state.
       proxy: server proxy-set operations, or None when the run has no proxy data.
+      layout: each variable tensor's slice of the flat vector (`Flattener.layout`), for
+        layer-wise rules; () when unknown (rules that need it must say so).
+      output_layer: flax module name of the classifier layer ("cls", "linear", "out"), whose
+        tensors are the `layout` entries with `['params']['<output_layer>']` in their name.
     """
 
     n_clients: int
@@ -105,6 +119,8 @@ class AggregatorEnv:
     param_mask: np.ndarray
     total_clients: int | None = None
     proxy: ProxyOps | None = None
+    layout: tuple[LeafInfo, ...] = ()
+    output_layer: str = ""
 
     @property
     def n_registered(self) -> int:

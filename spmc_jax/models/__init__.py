@@ -18,6 +18,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
 }
 
+# Flax module name of each model's classifier layer (layer-wise defenses read its rows).
+OUTPUT_LAYERS: dict[str, str] = {"simple_cnn": "cls", "resnet10": "linear", "mlp": "out"}
+
 
 def get_model(
     name: str, num_classes: int = 10, conv_impl: str = "lax", compute_dtype: str = "float32"
@@ -41,6 +44,7 @@ __all__ = [
     "CONV_IMPLS",
     "MLP",
     "MODELS",
+    "OUTPUT_LAYERS",
     "CastModel",
     "ResNet10",
     "SimpleCNN",
