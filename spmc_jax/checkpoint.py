@@ -1,7 +1,7 @@
 """Save and restore the whole state of a training run (orbax), so a killed run can resume.
 
-A checkpoint is written after round r (`rounds_done` = r + 1 completed rounds, the orbax step)
-and holds two items:
+A checkpoint is written after round r (rounds are numbered 1..rounds everywhere, so
+`rounds_done` = r, the orbax step and the checkpoint's folder name) and holds two items:
 
   state  the `engine.RunState` pytree: global model, aggregator state (e.g. FoolsGold's
          per-client histories), SPMC's teachers and their ids, and the PRNG key (stored as its
@@ -22,8 +22,8 @@ outputs go, where the data is read from, what is evaluated when, and multi-host 
 the client mesh size (with client data in blocks it stratifies the sampling). `rounds` may
 change, because a round only depends on the total round count through
 
-  * the attack window when `attack_end` is unset (last attacked round = rounds − 1): every
-    completed round r < rounds_done ≤ min(old, new) is attacked under both counts;
+  * the attack window when `attack_end` is unset (last attacked round = rounds): every
+    completed round r ≤ rounds_done ≤ min(old, new) is attacked under both counts;
   * CRFL's last-round rule (no noise in round `AggregatorEnv.rounds` − 1, the only use of
     `AggregatorEnv.rounds` in spmc_jax/aggregators): equal for the completed rounds only when
     neither count's last round is among them, i.e. rounds_done < min(old, new)
@@ -370,7 +370,7 @@ def latest_metadata(directory: str | Path) -> dict[str, Any] | None:
 
 
 def completed_rows(path: str | Path, rounds_done: int) -> list[dict[str, Any]] | None:
-    """The rows of rounds 0..rounds_done-1 in a run's JSON-lines log, to keep on resume.
+    """The rows of rounds 1..rounds_done (1-based) in a run's JSON-lines log, to keep on resume.
 
     A line torn by the interruption ends the read (it is past the checkpoint anyway); rows of
     later rounds are dropped. Returns None when a completed round's row is missing.
@@ -382,9 +382,9 @@ def completed_rows(path: str | Path, rounds_done: int) -> list[dict[str, Any]] |
             row = json.loads(line)
         except json.JSONDecodeError:
             break
-        if row["round"] < rounds_done:
+        if row["round"] <= rounds_done:
             rows.append(row)
-    return rows if [r["round"] for r in rows] == list(range(rounds_done)) else None
+    return rows if [r["round"] for r in rows] == list(range(1, rounds_done + 1)) else None
 
 
 def clear(directory: str | Path) -> bool:

@@ -7,8 +7,13 @@ any compute and raises `ValueError` naming the bad value and the accepted ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import math
 from typing import Any
+
+from spmc_jax.data.types import TRAIN_SIZE
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MODELS = ("simple_cnn", "resnet10", "mlp")
@@ -23,6 +28,11 @@ CLIENT_DATA = ("auto", "blocks", "replicated")
 # Rules that are a weighted sum of the rows: aggregated chunk by chunk without the (n, d) matrix.
 STREAMABLE_DEFENSES = ("fedavg", "fedavg_weighted")
 ATTACKER_IDS = ("last", "random")
+# Fields that cannot change a run's numbers (where files are read and written, how the
+# processes meet, how big the evaluation batches are): left out of `Config.config_hash`.
+NUMBER_NEUTRAL_FIELDS = frozenset(
+    {"out", "data_dir", "fetch", "eval_batch", "coordinator", "num_processes", "process_id"}
+)
 
 # Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
 # by `--protocol paper`; `--protocol fair` runs every rule as its paper defines it. Explicit
@@ -75,8 +85,8 @@ class Config:
     gamma: float = 0.2
     attack: str = "base"
     attack_opts: tuple[tuple[str, str, str], ...] = ()  # (attack, key, value)
-    attack_start: int = 0
-    attack_end: int | None = None
+    attack_start: int = 1  # 1-based, like every round number the package prints or writes
+    attack_end: int | None = None  # last attacked round (1-based, inclusive); None: the last
     attacker_ids: str = "last"
     attackers_skip_projection: bool = False
     # defense
@@ -149,7 +159,18 @@ class Config:
 
     @property
     def last_attack_round(self) -> int:
-        return self.rounds - 1 if self.attack_end is None else self.attack_end
+        """The last attacked round, 1-based and inclusive (rounds are numbered 1..rounds)."""
+        return self.rounds if self.attack_end is None else self.attack_end
+
+    def config_hash(self, length: int = 8) -> str:
+        """A short hash of every field that can change the run's numbers.
+
+        Two configurations with different numbers get different default `--out` folders;
+        `NUMBER_NEUTRAL_FIELDS` (paths, process wiring, evaluation batch) are left out.
+        """
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in NUMBER_NEUTRAL_FIELDS}
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:length]
 
     def replace(self, **kw: Any) -> Config:
         return dataclasses.replace(self, **kw)
@@ -180,6 +201,11 @@ class Config:
             if value is not None and value < lo:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
 
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            # argparse's float() accepts 'inf' and 'nan'; neither is a usable setting.
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
         choice("partition", self.partition, PARTITIONS)
@@ -211,7 +237,17 @@ class Config:
         at_least("client_chunk", self.client_chunk, 1)
         at_least("min_size", self.min_size, 1)
         at_least("subsample", self.subsample, 10)
-        at_least("attack_start", self.attack_start, 0)
+        if self.subsample is not None and self.subsample > TRAIN_SIZE[self.dataset]:
+            raise ValueError(
+                f"--subsample {self.subsample} is larger than the {self.dataset} train set "
+                f"({TRAIN_SIZE[self.dataset]:,} images); accepted: 10..{TRAIN_SIZE[self.dataset]}"
+                " (or leave it out for the whole set)"
+            )
+        if not 1 <= self.attack_start <= self.rounds:
+            raise ValueError(
+                f"--attack-start {self.attack_start} is outside the run's rounds; accepted: "
+                f"1..{self.rounds} (--rounds {self.rounds}; rounds are numbered from 1)"
+            )
         at_least("seed", self.seed, 0)
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
@@ -223,9 +259,11 @@ class Config:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 < self.train_ratio < 1:
             raise ValueError(f"--train-ratio must be in (0, 1), got {self.train_ratio}")
-        if self.attack_end is not None and self.attack_end < self.attack_start:
+        if self.attack_end is not None and not self.attack_start <= self.attack_end <= self.rounds:
             raise ValueError(
-                f"--attack-end {self.attack_end} is before --attack-start {self.attack_start}"
+                f"--attack-end {self.attack_end} is outside the attack window; accepted: "
+                f"{self.attack_start}..{self.rounds} (--attack-start {self.attack_start} to "
+                f"--rounds {self.rounds})"
             )
         if not self.spmc_temperature > 0:
             raise ValueError(f"--spmc-temperature must be > 0, got {self.spmc_temperature}")
@@ -251,13 +289,18 @@ class Config:
         return self
 
     def _validate_registries(self) -> None:
+        """Build the rule and every attack once with shape-only environments (no data).
+
+        Their facts come from this config (client and attacker counts, learning rate, the
+        model's flat layout from `jax.eval_shape`), so every check a factory makes, present
+        or added later in a new rule or attack file, runs here, before any data is loaded.
+        """
         from spmc_jax.aggregators import REGISTRY as DEFENSES
         from spmc_jax.attacks import REGISTRY as ATTACKS
         from spmc_jax.attacks import split_names
-        from spmc_jax.registry import coerce_options
+        from spmc_jax.registry import build_checked
 
         spec = DEFENSES.get(self.defense)
-        coerce_options("defense", self.defense, spec.factory, self.defense_options())
         names = split_names(self.attack)
         for name, key, value in self.attack_opts:
             if name not in names:
@@ -265,14 +308,97 @@ class Config:
                     f"--attack-opt {name}.{key}={value}: attack {name!r} is not part of "
                     f"--attack {self.attack!r}"
                 )
-            aspec = ATTACKS.get(name)
-            coerce_options("attack", name, aspec.factory, {key: value})
+        model_attacks = [n for n in names if ATTACKS.get(n).kind == "model"]
+        if self.stream_aggregation and model_attacks:
+            raise ValueError(
+                f"--stream-aggregation cannot run model attacks ({', '.join(model_attacks)} in "
+                f"--attack {self.attack!r}); accepted: data-only attacks"
+            )
+        agg_env, attack_env = _shape_only_envs(self)
+        build_checked(
+            "defense",
+            self.defense,
+            spec.factory,
+            agg_env,
+            self.defense_options(),
+            context=f"n={agg_env.n_clients} clients per round, "
+            f"f={agg_env.num_malicious} assumed malicious",
+        )
+        opts = self.attack_options()
+        for name in names:
+            build_checked(
+                "attack",
+                name,
+                ATTACKS.get(name).factory,
+                attack_env,
+                opts.get(name, {}),
+                context=f"{attack_env.num_classes} classes, m={attack_env.num_malicious} "
+                f"malicious of n={attack_env.n_clients} per round",
+            )
 
     def attack_options(self) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
         for name, key, value in self.attack_opts:
             out.setdefault(name, {})[key] = value
         return out
+
+
+@functools.lru_cache(maxsize=16)
+def _model_layout(dataset: str, model: str, conv_impl: str, compute_dtype: str) -> Any:
+    """The model's `Flattener` from `jax.eval_shape` (shapes only; cached per model)."""
+    import jax
+    import jax.numpy as jnp
+
+    from spmc_jax.data.types import INPUT_SHAPE
+    from spmc_jax.flat import Flattener
+    from spmc_jax.models import get_model
+
+    del dataset  # every dataset has 10 classes and the same model input
+    net = get_model(model, 10, conv_impl, compute_dtype)
+    variables = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
+    return Flattener.build(variables)
+
+
+class _ShapeOnlyProxy:
+    """A `ProxyOps` for validation builds: rules may keep it, but calling it is a bug."""
+
+    def _fail(self, *args: Any) -> Any:
+        raise RuntimeError("the validation environment has no proxy data; a factory called it")
+
+    loss_entropy = train = logits = inputs = _fail
+
+
+def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
+    """(AggregatorEnv, AttackEnv) with this run's facts and no data, for validation builds."""
+    from spmc_jax.aggregators import AggregatorEnv
+    from spmc_jax.attacks import AttackEnv
+    from spmc_jax.data.types import INPUT_SHAPE, MEAN, STD
+    from spmc_jax.models import OUTPUT_LAYERS
+
+    conv = "lax" if cfg.conv_impl == "auto" else cfg.conv_impl
+    flat = _model_layout(cfg.dataset, cfg.model, conv, cfg.compute_dtype)
+    agg_env = AggregatorEnv(
+        n_clients=cfg.n_per_round,
+        num_malicious=cfg.defense_assumed_malicious,
+        lr=cfg.lr,
+        rounds=cfg.rounds,
+        param_mask=flat.param_mask,
+        total_clients=cfg.clients,
+        proxy=_ShapeOnlyProxy(),
+        layout=flat.layout,
+        output_layer=OUTPUT_LAYERS[cfg.model],
+    )
+    attack_env = AttackEnv(
+        image_shape=INPUT_SHAPE,
+        mean=MEAN[cfg.dataset],
+        std=STD[cfg.dataset],
+        num_classes=10,
+        num_malicious=cfg.num_malicious,
+        n_clients=cfg.n_per_round,
+        lr=cfg.lr,
+        param_mask=flat.param_mask,
+    )
+    return agg_env, attack_env
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -523,7 +523,7 @@ class RoundOut(NamedTuple):
     client_weights: jax.Array  # (m,)
     loss: jax.Array  # (m,) mean local training loss
     projected: jax.Array  # (m,) mean projected tensors per step (SPMC)
-    nonfinite: jax.Array  # () clients whose row was non-finite
+    nonfinite: jax.Array  # (m,) bool: the client's row was non-finite (neutralised)
 
 
 class _Proxy:
@@ -838,7 +838,8 @@ class Simulation:
         return jnp.where(hit[:, None], state.teachers[pos], state.global_flat[None, :])
 
     def _attack_active(self, r: jax.Array) -> jax.Array:
-        return (r >= self.cfg.attack_start) & (r <= self.cfg.last_attack_round)
+        # r is the 0-based loop index; the attack window is in 1-based round numbers.
+        return (r + 1 >= self.cfg.attack_start) & (r + 1 <= self.cfg.last_attack_round)
 
     def _sample_clients(self, key: jax.Array) -> jax.Array:
         """Sorted ids of this round's m participants, uniform without replacement; with D
@@ -893,7 +894,7 @@ class Simulation:
         running sum (FedAvg / weighted FedAvg), never holding the (n, d) client matrix.
 
         Same weights as the rules: n_i (weighted) or 1, 0 for a non-finite row. Returns
-        (new_global, client_weights, loss, projected, n_invalid).
+        (new_global, client_weights, loss, projected, invalid (m,) bool).
         """
         n = self.n
         chunk = min(self.client_chunk or n, n)
@@ -931,7 +932,7 @@ class Simulation:
             weight > 0, total / jnp.where(weight > 0, weight, 1.0), state.global_flat
         )
         client_weights = jnp.where(ok, base, 0.0) / jnp.where(weight > 0, weight, 1.0)
-        return new_global, client_weights, loss, proj, jnp.sum(~ok)
+        return new_global, client_weights, loss, proj, ~ok
 
     def _train_clients(
         self, state: RunState, data: SimData, ids: jax.Array, keys: jax.Array, attack_on: jax.Array
@@ -1012,7 +1013,7 @@ class Simulation:
                     sh = sharding_lib.client_sharding(self.mesh)
                     teachers = jax.lax.with_sharding_constraint(teachers, sh)
                     teacher_ids = jax.lax.with_sharding_constraint(teacher_ids, sh)
-        out = RoundOut(ids, info.client_weights, loss, projected, jnp.sum(~valid))
+        out = RoundOut(ids, info.client_weights, loss, projected, ~valid)
         new_state = RunState(new_global, agg_state, teachers, teacher_ids, state.key)
         return new_state, out
 
@@ -1070,9 +1071,10 @@ def run(
         block (after its rows went to `on_round`), e.g. to save a checkpoint.
 
     Returns:
-      A RunResult whose `history` has one dict per round: round, A, R, R_excl_target, V
-      (None on rounds not evaluated), seconds, client_ids, client_weights, attacker_weight,
-      loss, projected, nonfinite.
+      A RunResult whose `history` has one dict per round: round (1-based), A, R,
+      R_excl_target, V (None on rounds not evaluated), seconds, client_ids, client_weights,
+      attacker_weight, loss, projected, nonfinite (count of non-finite client rows) and
+      nonfinite_ids (their registered client ids).
 
     Raises:
       ValueError: `start_round` outside [0, cfg.rounds], or > 0 without a `state`.
@@ -1097,15 +1099,17 @@ def run(
         for j in range(count):
             ids = np.asarray(outs.client_ids[j])
             w = np.asarray(outs.client_weights[j], np.float64)
+            bad = np.asarray(outs.nonfinite[j], bool)
             row: dict[str, Any] = {
-                "round": r + j,
+                "round": r + j + 1,  # 1-based, as printed and as in the paper's figures
                 "seconds": seconds,
                 "client_ids": ids.tolist(),
                 "client_weights": w.tolist(),
                 "attacker_weight": float(w[malicious[ids]].sum() / max(w.sum(), 1e-30)),
                 "loss": np.asarray(outs.loss[j]).tolist(),
                 "projected": np.asarray(outs.projected[j]).tolist(),
-                "nonfinite": int(outs.nonfinite[j]),
+                "nonfinite": int(bad.sum()),
+                "nonfinite_ids": ids[bad].astype(int).tolist(),
             }
             last = j == count - 1
             for k in ("A", "R", "R_excl_target", "V"):

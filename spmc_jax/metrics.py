@@ -6,7 +6,11 @@
 * R_excl_target: the standard definition, target-class images excluded.
 * V = (A + R)/2 with the reference R (the paper's headline metric).
 
-The paper reports the mean over the last 5 rounds (`summarize`).
+The paper reports the mean over the last 5 rounds (`last_k_means`).
+
+A model at chance accuracy scores R = 100 (it predicts the target no more than any class)
+and so V ≈ (100/C + 100)/2 ≥ 55: `learned` flags such runs so they are never reported as
+good defenses.
 """
 
 from __future__ import annotations
@@ -84,6 +88,26 @@ def last_k_means(
         out[key] = float(np.mean(vals)) if vals else None
     out["rounds_averaged"] = [h["round"] for h in rows]
     return out
+
+
+# Percentage points above chance (100 / classes) that the reported clean accuracy must exceed
+# for a run to count as having learned. A 2-round MNIST smoke run reaches ~29 % (README), a
+# model that never moved from its random init stays within a point or two of 10 %.
+CHANCE_MARGIN = 5.0
+
+
+def learned(
+    a_mean: float | None, num_classes: int, margin: float = CHANCE_MARGIN
+) -> dict[str, Any]:
+    """Whether the reported clean accuracy A (%) is more than `margin` points above chance.
+
+    Returns:
+      {"learned": bool, "chance": 100 / num_classes, "chance_margin": margin}; an A of None
+      (nothing evaluated) counts as not learned.
+    """
+    chance = 100.0 / num_classes
+    ok = a_mean is not None and not np.isnan(a_mean) and a_mean > chance + margin
+    return {"learned": bool(ok), "chance": chance, "chance_margin": float(margin)}
 
 
 def attacker_weight_share(weights: np.ndarray, malicious: np.ndarray) -> float:

@@ -82,6 +82,41 @@ def coerce_options(
     return out
 
 
+def build_checked(
+    kind: str,
+    name: str,
+    factory: Callable[..., Any],
+    env: Any,
+    options: Mapping[str, Any],
+    context: str = "",
+) -> Any:
+    """Build `factory(env, **options)` as a validation step; errors name the flag and the facts.
+
+    The generic validation hook: a CLI builds every rule and attack once with a shape-only
+    `env` whose facts come from the configuration, before any data is loaded, so every check
+    a factory makes (option ranges, limits that depend on the client or attacker count)
+    fails as early as the configuration's own checks. New registry members need no code here.
+
+    Args:
+      kind: "defense" or "attack" (the CLI flag is `--<kind>`).
+      name: registered name.
+      factory: its factory.
+      env: the environment to build with.
+      options: raw options (CLI strings or values), coerced by `coerce_options`.
+      context: the run facts the factory saw (e.g. "n=10 clients, f=2 assumed malicious"),
+        appended to the message.
+
+    Raises:
+      ValueError: `--<kind> <name>: <the factory's message>` (plus the context).
+    """
+    opts = coerce_options(kind, name, factory, options)
+    try:
+        return factory(env, **opts)
+    except (ValueError, TypeError) as err:
+        where = f" (with {context})" if context else ""
+        raise ValueError(f"--{kind} {name}{where}: {err}") from None
+
+
 def _convert(kind: str, name: str, key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         if isinstance(value, str) and default is None:

@@ -6,7 +6,8 @@ A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol
   results.jsonl  one tidy row per (cell, round): dataset, defense, gamma, seed, protocol,
                  attack, round, A, R, R_excl_target, V, seconds, attacker_weight, …
   table.md       last-5-round means in the paper's layout (one table per γ, methods as rows,
-                 datasets as columns, "A / R / V", ↑/↓ against FedAvg, best V in bold), the
+                 datasets as columns, "A / R / V", ↑/↓ against FedAvg, best V in bold; a
+                 cell whose model stayed at chance accuracy is marked ⚠ and never bold), the
                  published numbers on the line under each method, and a per-cell timing table
   curves.png     the paper's Figure 6 layout: A and R per round for every defense, per γ
   sweep.json     the grid, the base configuration, the environment and per-cell timings
@@ -485,7 +486,7 @@ def run_cell(
     """
     from spmc_jax import checkpoint as ckpt_lib
     from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
-    from spmc_jax.metrics import last_k_means
+    from spmc_jax.metrics import last_k_means, learned
 
     rows_path, summary_path = _cell_paths(out, cell)
     t0, c0, m0 = time.perf_counter(), time.process_time(), meter.snapshot()
@@ -557,6 +558,7 @@ def run_cell(
     ckpt_lib.clear(ckpt_dir)  # finished: the summary below is the cell's record
     hist = result.history
     later = [h["seconds"] for h in hist[1:]]
+    final = last_k_means(hist)
     summary = {
         "cell": cell.id,
         **cell._asdict(),
@@ -564,7 +566,8 @@ def run_cell(
         "local_epochs": plan.epochs,
         "rows": len(rows),
         "resumed_from_round": start or None,
-        "last5": last_k_means(hist),
+        "last5": final,
+        **learned(final["A"], ds.num_classes),
         "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
         "r_trigger": sim.r_trigger,
         "conv_impl": sim.conv_impl,
@@ -712,7 +715,12 @@ def run_sweep(
         cache_used = meter.totals["cache_requests"] > 0
     rows = rebuild_results(out, spec, done)
     write_table(out, spec, done, env)
-    plot_sweep_curves(rows, out / "curves.png", spec)
+    plot_sweep_curves(
+        rows,
+        out / "curves.png",
+        spec,
+        not_learned={(s["defense"], s["gamma"]) for s in done.values() if not _learned(s)},
+    )
     record.update(
         status="finished",
         finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -732,6 +740,11 @@ def run_sweep(
 
 
 # ----------------------------------------------------------------------------- table
+def _learned(summary: Mapping[str, Any]) -> bool:
+    """A cell summary's `learned` flag (summaries written before it existed count as learned)."""
+    return bool(summary.get("learned", True))
+
+
 def _mean(xs: Iterable[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(vals) / len(vals) if vals else None
@@ -758,10 +771,16 @@ def _arrow(v: float | None, ref: float | None) -> str:
 
 
 def _cell_text(
-    m: Mapping[str, float | None] | None, ref: Mapping[str, float | None] | None, bold_v: bool
+    m: Mapping[str, float | None] | None,
+    ref: Mapping[str, float | None] | None,
+    bold_v: bool,
+    dead: bool = False,
 ) -> str:
+    """ "A / R / V" with arrows against `ref`; bold V when `bold_v`; ⚠ first when `dead`
+    (the model stayed at chance: never bold)."""
     if m is None:
         return "–"
+    bold_v = bold_v and not dead
     parts = []
     for key in ("A", "R", "V"):
         v = m.get(key)
@@ -769,7 +788,7 @@ def _cell_text(
         if key == "V" and bold_v and v is not None:
             s = f"**{s}**"
         parts.append(s + (_arrow(v, ref.get(key)) if ref is not None else ""))
-    return " / ".join(parts)
+    return ("⚠ " if dead else "") + " / ".join(parts)
 
 
 def _best(values: dict[str, float | None]) -> set[str]:
@@ -854,7 +873,8 @@ def render_table(
         f"# SPMC sweep `{spec.preset}`: Table 2 layout",
         "",
         f"- protocol: **{proto}**; local epochs run: {epochs}",
-        f"- rounds: {b.rounds}; A, R, V = means over the last {min(5, b.rounds)} rounds"
+        f"- rounds: {b.rounds}; A, R, V = means over the last "
+        f"{min(5, -(-b.rounds // b.eval_every))} evaluated rounds"
         + (f" (mean over seeds {seeds})" if len(spec.seeds) > 1 else ""),
         f"- model: {models}; attack: `{b.attack}`; γ: "
         f"{', '.join(f'{g:g}' for g in spec.gammas)}; clients: "
@@ -873,7 +893,10 @@ def render_table(
         f"- cells finished: {len(done)} of {len(spec.cells())}",
         "",
         "Each cell: A / R / V (%). ↑/↓: higher/lower than FedAvg in the same column. "
-        "**Bold**: best V in the column. R = 100 − attack success rate on all triggered test "
+        "**Bold**: best V in the column among models that learned. ⚠: the model stayed at "
+        "chance accuracy (A within 5 points of 100/classes; `learned: false` in its cell "
+        "summary): its R = 100 only means it predicts nothing, so it is never bold. "
+        "R = 100 − attack success rate on all triggered test "
         "images (the reference's definition, target class included; `R_excl_target` in "
         "results.jsonl excludes it). The *published* line under each method is the paper's "
         f"{published.get('table', 'Table 2')} ({published.get('reporting', '')}).",
@@ -882,18 +905,20 @@ def render_table(
     rows = _row_order(spec.defenses)
     for g in spec.gammas:
         ours: dict[tuple[str, str], dict[str, float | None]] = {}
+        dead: set[tuple[str, str]] = set()
         for d in rows:
             for ds in cols:
                 group = [
-                    s["last5"]
-                    for s in done
-                    if s["defense"] == d and s["dataset"] == ds and s["gamma"] == g
+                    s for s in done if s["defense"] == d and s["dataset"] == ds and s["gamma"] == g
                 ]
                 if group:
-                    ours[d, ds] = {k: _mean(m[k] for m in group) for k in ("A", "R", "V")}
+                    ours[d, ds] = {k: _mean(s["last5"][k] for s in group) for k in ("A", "R", "V")}
+                    if not all(_learned(s) for s in group):
+                        dead.add((d, ds))
         theirs = {(d, ds): pub[g, d, ds] for d in rows for ds in cols if (g, d, ds) in pub}
         best_ours = {
-            ds: _best({d: ours[d, ds]["V"] for d in rows if (d, ds) in ours}) for ds in cols
+            ds: _best({d: v["V"] for (d, c), v in ours.items() if c == ds and (d, c) not in dead})
+            for ds in cols
         }
         best_pub = {
             ds: _best({d: theirs[d, ds]["V"] for d in rows if (d, ds) in theirs}) for ds in cols
@@ -911,6 +936,7 @@ def render_table(
                     ours.get((d, ds)),
                     None if d == "fedavg" else ours.get(("fedavg", ds)),
                     d in best_ours[ds],
+                    dead=(d, ds) in dead,
                 )
                 for ds in cols
             ]
@@ -971,11 +997,18 @@ def write_table(
 
 
 # ----------------------------------------------------------------------------- figure
-def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -> str | None:
+def plot_sweep_curves(
+    rows: list[dict[str, Any]],
+    path: Path,
+    spec: SweepSpec,
+    not_learned: set[tuple[str, float]] | frozenset[tuple[str, float]] = frozenset(),
+) -> str | None:
     """The paper's Figure 6 layout: per γ (a row), A and R per round, one line per defense.
 
     The dataset is CIFAR-10 when the grid has it (as in the paper), else the grid's first
-    dataset; values are averaged over seeds. Returns the dataset plotted (None: no rows).
+    dataset; values are averaged over seeds. Rounds are numbered from 1 (integer ticks).
+    A (defense, γ) in `not_learned` (a cell stayed at chance accuracy) is drawn dashed and
+    its legend entry says "chance level". Returns the dataset plotted (None: no rows).
     """
     # A bare Figure, not pyplot: no global backend switch (a notebook keeps its own) and no
     # figure left registered in pyplot's state.
@@ -1006,17 +1039,23 @@ def plot_sweep_curves(rows: list[dict[str, Any]], path: Path, spec: SweepSpec) -
                 xs = sorted(by_round)
                 ys = [sum(by_round[x]) / len(by_round[x]) for x in xs]
                 spmc = d == "spmc"
+                dead = (d, g) in not_learned
                 ax.plot(
-                    [x + 1 for x in xs],
+                    xs,  # rows are numbered from 1
                     ys,
-                    label=names.get(d, d),
+                    label=names.get(d, d) + (" (⚠ chance level)" if dead else ""),
+                    ls="--" if dead else "-",
                     color="black" if spmc else colors[di % len(colors)],
                     lw=2.2 if spmc else 1.2,
                     marker="o" if len(xs) < 10 else None,
                     ms=3,
                     zorder=3 if spmc else 2,
                 )
-            ax.set_title(f"{key} per round, γ = {g:g}", fontsize=10)
+            dashed = any((d, g) in not_learned for d in defenses)
+            ax.set_title(
+                f"{key} per round, γ = {g:g}" + (" (dashed: ⚠ chance level)" if dashed else ""),
+                fontsize=10,
+            )
             ax.set_ylim(-3, 103)  # the paper's fixed 0-100 % scale, comparable across panels
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")

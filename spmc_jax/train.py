@@ -1,12 +1,18 @@
 """`python -m spmc_jax.train`: train one federation and write its logs.
 
-Outputs in `--out` (default `runs/<dataset>-<defense>-<attack>-g<γ>-s<seed>`):
-  metrics.jsonl  one JSON object per round (A, R, R_excl_target, V, seconds, client_weights…)
-  summary.json   full config, package versions, device, the plan, last-5-round means
+Outputs in `--out` (default `runs/<dataset>-<defense>-<attack>-g<γ>-s<seed>-<config hash>`):
+  metrics.jsonl  one JSON object per round, numbered from 1 (A, R, R_excl_target, V, seconds,
+                 client_weights, nonfinite, nonfinite_ids…)
+  summary.json   full config, package versions, device, the plan, last-N-round means (N =
+                 min(5, evaluated rounds)), `learned` (False: A stayed at chance level)
   plan.json      the plan (also written by --dry-run)
   curves.png     A and R per round
-  checkpoints/   with --checkpoint-every N: the run state after completed rounds (orbax);
-                 --resume continues from the latest one
+  checkpoints/   with --checkpoint-every N: the run state after completed rounds (orbax; the
+                 folder of the state after round r is named r); --resume continues from the
+                 latest one
+
+A folder that holds a run (metrics.jsonl, summary.json or checkpoints/) is never written into
+unless --overwrite (start afresh) or --resume (continue it) is given.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from spmc_jax.registry import parse_kv
 
 DEFAULTS = Config()
 DEFAULT_KEEP = 2  # = checkpoint.DEFAULT_KEEP (not imported: that module loads JAX and orbax)
+# What makes a folder hold a run (a --dry-run's lone plan.json does not).
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--partition", default=DEFAULTS.partition, help=f"one of {', '.join(PARTITIONS)}"
     )
     d.add_argument("--beta", type=float, default=DEFAULTS.beta, help="Dirichlet concentration")
+    d.add_argument(
+        "--min-size",
+        type=int,
+        default=DEFAULTS.min_size,
+        help="fewest samples per client in the Dirichlet split; when clients x min-size "
+        "exceeds the data, clients draw overlapping shards (cross-device mode)",
+    )
     f = p.add_argument_group("federation")
     f.add_argument("--clients", type=int, default=DEFAULTS.clients, help="registered clients N")
     f.add_argument(
@@ -124,9 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME.KEY=VALUE",
         help="attack option, repeatable, e.g. scaling.boost=5",
     )
-    a.add_argument("--attack-start", type=int, default=0, help="first attacked round")
     a.add_argument(
-        "--attack-end", type=int, default=None, help="last attacked round (default: last)"
+        "--attack-start",
+        type=int,
+        default=DEFAULTS.attack_start,
+        help="first attacked round (rounds are numbered from 1)",
+    )
+    a.add_argument(
+        "--attack-end",
+        type=int,
+        default=None,
+        help="last attacked round, inclusive (default: the last round)",
     )
     a.add_argument("--attacker-ids", default="last", help="last (reference) or random (seeded)")
     a.add_argument(
@@ -225,7 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
     e.add_argument("--process-id", type=int, default=None, help="multi-host: this process's rank")
-    e.add_argument("--out", default=None, help="output directory")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default runs/<dataset>-<defense>-<attack>-g<gamma>-s<seed>-"
+        "<hash of the options that change the numbers>); a folder holding a run is refused "
+        "unless --overwrite or --resume",
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its metrics, summary and checkpoints)",
+    )
     e.add_argument(
         "--dry-run",
         action="store_true",
@@ -270,6 +304,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         subsample=args.subsample,
         partition=args.partition,
         beta=args.beta,
+        min_size=args.min_size,
         clients=args.clients,
         clients_per_round=args.clients_per_round,
         rounds=args.rounds,
@@ -313,8 +348,76 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def default_out(cfg: Config) -> Path:
+    """runs/<dataset>-<defense>-<attack>-g<γ>-s<seed>-<hash>: distinct for configs whose
+    numbers differ (`Config.config_hash`), readable for the common ones."""
     g = f"{cfg.gamma:g}"
-    return Path("runs") / f"{cfg.dataset}-{cfg.defense}-{cfg.attack}-g{g}-s{cfg.seed}"
+    name = f"{cfg.dataset}-{cfg.defense}-{cfg.attack}-g{g}-s{cfg.seed}-{cfg.config_hash()}"
+    return Path("runs") / name
+
+
+def check_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an output path that would lose an earlier run or cannot be a directory.
+
+    Raises:
+      ValueError: `out` (or a parent) is a file; `out` holds a run (RUN_MARKERS) and neither
+        `overwrite` nor `resume` is set; or both are set.
+    """
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other; accepted: one of them")
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(
+                    f"--out {str(out)!r}: {str(p)!r} is a file; accepted: a new or existing "
+                    "directory"
+                )
+            break
+    held = [m for m in RUN_MARKERS if (out / m).exists()]
+    if held and not (overwrite or resume):
+        raise ValueError(
+            f"--out {str(out)!r} already holds a run ({', '.join(held)}); accepted: a new "
+            "directory, --overwrite to replace that run, or --resume to continue it"
+        )
+
+
+def check_data_dir(cfg: Config) -> None:
+    """--data-dir must be a directory; with --no-fetch it must hold the dataset itself.
+
+    Without this, a --data-dir with nothing in it would silently fall back to the cache.
+    """
+    if cfg.data_dir is None:
+        return
+    d = Path(cfg.data_dir)
+    if not d.is_dir():
+        raise ValueError(f"--data-dir {cfg.data_dir!r} is not a readable directory")
+    if cfg.fetch:
+        return
+    from spmc_jax.data.sources import fetch_command, locate
+
+    hit = locate(cfg.dataset, d)
+    root = d.resolve()
+    if hit is None or not (hit[1].resolve() == root or root in hit[1].resolve().parents):
+        raise ValueError(
+            f"--data-dir {cfg.data_dir!r} holds no {cfg.dataset} files and --no-fetch forbids "
+            f"fetching them; accepted: a directory with {cfg.dataset}.npz, IDX files or the "
+            f"CIFAR-10 layouts (see README, Data), e.g. filled by `{fetch_command(cfg.dataset)}`"
+        )
+
+
+def check_devices(cfg: Config) -> None:
+    """--devices must not ask for more devices than JAX sees (initialises the backend)."""
+    import jax
+
+    from spmc_jax.sharding import resolve_device_count
+
+    try:
+        resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients))
+    except ValueError:
+        n = len(jax.devices())
+        raise ValueError(
+            f"--devices {cfg.devices}: only {n} device(s) are visible "
+            f"({jax.devices()[0].platform}); accepted: 'auto' or 1..{n}"
+        ) from None
 
 
 def list_registry(kind: str) -> str:
@@ -341,29 +444,57 @@ def fmt_pct(v: float | None, w: int = 6) -> str:
 
 
 def round_line(row: dict[str, Any], rounds: int) -> str:
-    """The progress line of one evaluated round (train and sweep print it)."""
+    """The progress line of one evaluated round (train and sweep print it; rows are 1-based)."""
     return (
-        f"round {row['round'] + 1:>3}/{rounds}  A {fmt_pct(row['A'])}  "
+        f"round {row['round']:>3}/{rounds}  A {fmt_pct(row['A'])}  "
         f"R {fmt_pct(row['R'])}  V {fmt_pct(row['V'])}  "
         f"attackers' weight {row['attacker_weight']:.3f}  {row['seconds']:.2f} s/round"
     )
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """A and R per evaluated round."""
+def nonfinite_line(row: dict[str, Any], rounds: int) -> str | None:
+    """The warning for a round with non-finite client models (None when there were none)."""
+    n = int(row.get("nonfinite", 0))
+    if not n:
+        return None
+    ids = row.get("nonfinite_ids", [])
+    shown = ", ".join(str(i) for i in ids[:20]) + (", ..." if len(ids) > 20 else "")
+    return (
+        f"warning: round {row['round']}/{rounds}: {n} of {len(row['client_ids'])} clients "
+        f"non-finite (ids {shown}); their models were dropped (zero update)"
+    )
+
+
+def chance_note(final: dict[str, Any]) -> str:
+    """The warning printed and plotted for a run that did not learn (`metrics.learned`)."""
+    return (
+        f"NOT LEARNED: mean A {fmt_pct(final['A']).strip()} % is within "
+        f"{final['chance_margin']:g} points of chance ({final['chance']:.2f} %); R and V "
+        "are meaningless for a model at chance"
+    )
+
+
+def plot_curves(
+    history: list[dict[str, Any]], path: Path, title: str, note: str | None = None
+) -> None:
+    """A and R per evaluated round (1-based, integer ticks); `note` in red under the title."""
     # A bare Figure, not pyplot: no global backend switch (a notebook keeps its own).
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = [h for h in history if h.get("A") is not None]
-    fig = Figure(figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2 if note is None else 3.6))
     ax = fig.subplots(1, 2)
     for i, key in enumerate(("A", "R")):
         ax[i].plot([h["round"] for h in rows], [h[key] for h in rows], marker="o", ms=3)
+        ax[i].xaxis.set_major_locator(MaxNLocator(integer=True))
         ax[i].set_xlabel("round")
         ax[i].set_ylabel(f"{key} (%)")
         ax[i].grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if note is not None:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", color="firebrick", fontsize=8)
+    fig.tight_layout(rect=(0, 0 if note is None else 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -384,12 +515,17 @@ def main(argv: list[str] | None = None) -> int:
             set_cpu_devices(args.cpu_devices)
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         cfg = config_from_args(args).validate()
-        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
-            raise ValueError(f"--data-dir {cfg.data_dir!r} is not a readable directory")
         if args.checkpoint_every < 0:
             raise ValueError(
                 f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}"
             )
+        check_data_dir(cfg)
+        check_devices(cfg)
+        check_out(
+            Path(cfg.out) if cfg.out else default_out(cfg),
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -437,7 +573,7 @@ def _resume_point(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str
     if rows is None:
         raise ValueError(
             f"--resume: {path} lacks rows of some of the checkpoint's {done} completed rounds "
-            f"(0..{done - 1})"
+            f"(1..{done})"
         )
     return meta, rows
 
@@ -458,7 +594,7 @@ def execute(
     from spmc_jax.data import load_dataset
     from spmc_jax.data.sources import DatasetNotFoundError
     from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
-    from spmc_jax.metrics import last_k_means
+    from spmc_jax.metrics import last_k_means, learned
     from spmc_jax.runinfo import environment
 
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -538,6 +674,10 @@ def execute(
         if ckpt is not None and (rounds_done % checkpoint_every == 0 or rounds_done == cfg.rounds):
             ckpt.save(state, rounds_done, cfg.to_dict(), client_devices)
 
+    if meta is None:
+        # A fresh run (--overwrite): no summary or plot of the replaced run may survive it.
+        for stale in ("summary.json", "curves.png"):
+            (out / stale).unlink(missing_ok=True)
     metrics_path = out / "metrics.jsonl"
     # Resuming: keep the checkpointed rounds' lines, drop any written after the checkpoint.
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -549,6 +689,9 @@ def execute(
         fh.flush()
         if not quiet and row.get("A") is not None:
             print(round_line(row, cfg.rounds), flush=True)
+        warn = nonfinite_line(row, cfg.rounds)
+        if warn is not None:
+            print(warn, flush=True)
 
     try:
         result = run(
@@ -566,6 +709,7 @@ def execute(
         if ckpt is not None:
             ckpt.close()  # waits for the last asynchronous save
     final = last_k_means(result.history)
+    final.update(learned(final["A"], ds.num_classes))
     summary = {
         "config": cfg.to_dict(),
         "environment": env,
@@ -573,6 +717,7 @@ def execute(
         "conv_impl": sim.conv_impl,
         "r_trigger": sim.r_trigger,
         "last5": final,
+        "learned": final["learned"],
         "resumed_from_round": done if meta is not None else None,
         "checkpoint_every": checkpoint_every,
         "wall_seconds": time.perf_counter() - t_start,
@@ -581,15 +726,20 @@ def execute(
         ),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    note = None if final["learned"] else chance_note(final)
     plot_curves(
         result.history,
         out / "curves.png",
         f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}",
+        note=note,
     )
     print(
-        f"last-5-round means: A {fmt_pct(final['A'])}  R {fmt_pct(final['R'])}  "
-        f"R(excl. target) {fmt_pct(final['R_excl_target'])}  V {fmt_pct(final['V'])}"
+        f"last-{len(final['rounds_averaged'])}-round means: A {fmt_pct(final['A'])}  "
+        f"R {fmt_pct(final['R'])}  R(excl. target) {fmt_pct(final['R_excl_target'])}  "
+        f"V {fmt_pct(final['V'])}"
     )
+    if note is not None:
+        print(f"warning: {note}")
     print(f"outputs: {out}/metrics.jsonl, summary.json, curves.png")
     return 0
 

@@ -160,7 +160,7 @@ def test_cli_checkpoint_then_resume_equals_straight_run(offline, tmp_path, capsy
     assert latest_metadata(split / CHECKPOINT_SUBDIR)["rounds_done"] == 2
     # The job wrote a row past its last checkpoint and a cut-off line before dying.
     with (split / "metrics.jsonl").open("a") as fh:
-        fh.write(json.dumps({**_rows(split)[-1], "round": 2, "A": -1.0}) + "\n" + '{"rou')
+        fh.write(json.dumps({**_rows(split)[-1], "round": 3, "A": -1.0}) + "\n" + '{"rou')
     capsys.readouterr()
     args = [*CLI, "--rounds", "3", "--checkpoint-every", "1", "--out", str(split), "--resume"]
     assert main(args) == 0

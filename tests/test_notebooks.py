@@ -191,7 +191,7 @@ def test_tpu_sweep_shards_clients_renders_table_and_times_rounds(tmp_path, real_
     rows = [json.loads(x) for x in (tmp_path / "out/results.jsonl").read_text().splitlines()]
     for cid, c in cells.items():
         mine = [r for r in rows if r["cell"] == cid]
-        assert [r["round"] for r in mine] == [0, 1] and c["rounds"] == 2
+        assert [r["round"] for r in mine] == [1, 2] and c["rounds"] == 2
         _check_pct([r["A"] for r in mine], [r["R"] for r in mine], [r["V"] for r in mine])
         for k in ("A", "R", "V"):
             assert c[k] == pytest.approx(sum(r[k] for r in mine) / 2)

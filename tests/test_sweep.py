@@ -72,7 +72,7 @@ def swept(tmp_path_factory):
 
 def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
     rows = _rows(swept / "results.jsonl")
-    assert [(r["cell"], r["round"]) for r in rows] == [(c, k) for c in CELLS for k in (0, 1)]
+    assert [(r["cell"], r["round"]) for r in rows] == [(c, k) for c in CELLS for k in (1, 2)]
     for r in rows:
         assert set(r) >= ROW_KEYS
         assert (r["dataset"], r["gamma"], r["seed"], r["protocol"], r["attack"]) == (
@@ -314,7 +314,8 @@ def test_smoke_preset_end_to_end_on_real_mnist(tmp_path, real_dataset):
     ids = [c.id for c in spec.cells()]
     rounds = spec.base.rounds
     rows = _rows(out / "results.jsonl")
-    assert [(x["cell"], x["round"]) for x in rows] == [(c, k) for c in ids for k in range(rounds)]
+    want = [(c, k) for c in ids for k in range(1, rounds + 1)]
+    assert [(x["cell"], x["round"]) for x in rows] == want
     text = (out / "table.md").read_text()
     assert "| FedAvg |" in text and "| SPMC |" in text and "*99.25 / 2.20 / 50.73*" in text
     assert "stratified subsample of 60,000" in text
@@ -344,7 +345,7 @@ def test_checkpointed_cell_resumes_mid_way_with_the_uninterrupted_numbers(tmp_pa
     out = tmp_path / "b"
 
     def kill_in_round_2(row):
-        if row["round"] == 1:  # row 1 is written, the checkpoint holds 1 round
+        if row["round"] == 2:  # round 2's row is written, the checkpoint holds 1 round
             raise _Kill
 
     with pytest.raises(_Kill):
@@ -360,7 +361,7 @@ def test_checkpointed_cell_resumes_mid_way_with_the_uninterrupted_numbers(tmp_pa
     assert not (out / "cells" / f"{cell}.ckpt").exists()  # finished: checkpoints removed
     a = _rows(tmp_path / "a" / "results.jsonl")
     b = _rows(out / "results.jsonl")
-    assert [r["round"] for r in b] == [0, 1, 2]
+    assert [r["round"] for r in b] == [1, 2, 3]
     # Same program, same state, same CPU: bit-identical numbers, timings aside.
     for x, y in zip(a, b, strict=True):
         for k in ("A", "R", "R_excl_target", "V", "attacker_weight"):
