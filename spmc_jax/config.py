@@ -294,6 +294,8 @@ class Config:
         Their facts come from this config (client and attacker counts, learning rate, the
         model's flat layout from `jax.eval_shape`), so every check a factory makes, present
         or added later in a new rule or attack file, runs here, before any data is loaded.
+        Factories may create small arrays, which starts the JAX backend: a CLI sets the CPU
+        device count and multi-host wiring first (as `train.main` does).
         """
         from spmc_jax.aggregators import REGISTRY as DEFENSES
         from spmc_jax.attacks import REGISTRY as ATTACKS
@@ -355,8 +357,10 @@ def _model_layout(dataset: str, model: str, conv_impl: str, compute_dtype: str) 
 
     del dataset  # every dataset has 10 classes and the same model input
     net = get_model(model, 10, conv_impl, compute_dtype)
-    variables = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE)))
-    return Flattener.build(variables)
+    # Abstract inputs: shapes only, no parameters are computed.
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+    return Flattener.build(jax.eval_shape(net.init, key, x))
 
 
 class _ShapeOnlyProxy:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 from spmc_jax.config import DATASETS, MODELS, PROTOCOLS, Config
 from spmc_jax.data.types import Dataset
 from spmc_jax.train import fmt_pct as _fmt
-from spmc_jax.train import round_line
+from spmc_jax.train import nonfinite_line, round_line
 
 # The paper's Table 2: rows (methods) and columns (datasets) in its order.
 PAPER_DEFENSES = (
@@ -457,6 +457,7 @@ def tidy_row(cell: Cell, cfg: Config, h: dict[str, Any]) -> dict[str, Any]:
         "seconds": h["seconds"],
         "attacker_weight": h["attacker_weight"],
         "nonfinite": h.get("nonfinite", 0),
+        "nonfinite_ids": h.get("nonfinite_ids", []),
     }
 
 
@@ -538,6 +539,9 @@ def run_cell(
                 on_row(row)
             if not quiet and row["A"] is not None:
                 log("    " + round_line(row, cfg.rounds))
+            warn = nonfinite_line(h, cfg.rounds)
+            if warn is not None:
+                log("    " + warn)
 
         try:
             result = run(
