@@ -348,3 +348,36 @@ def test_table_marks_a_dead_model_and_never_bolds_it(tmp_path):
     path = tmp_path / "c.png"
     assert sweep.plot_sweep_curves(rows_jsonl, path, spec, not_learned={("spmc", 0.2)}) == "mnist"
     assert path.stat().st_size > 1000
+
+
+def test_every_rule_and_attack_passes_validation_with_its_defaults():
+    """The shape-only builds refuse nothing that a real run accepts (no false errors)."""
+    from spmc_jax.aggregators import REGISTRY as DEFENSES
+    from spmc_jax.attacks import REGISTRY as ATTACKS
+
+    base = Config(model="mlp", clients=4, gamma=0.25)
+    for name in DEFENSES.names():
+        for protocol in ("fair", "paper"):
+            base.replace(defense=name, protocol=protocol).validate()
+    for name in ATTACKS.names():
+        base.replace(attack=name, defense="fedavg").validate()
+
+
+def test_a_new_rule_is_validated_by_its_own_factory(monkeypatch, capsys, no_data, tmp_path):
+    """No per-rule code in config.py: a rule added in a new file gets its checks run."""
+    from spmc_jax.aggregators import REGISTRY, AggregatorSpec
+    from spmc_jax.aggregators.fedavg import fedavg
+
+    def toy(env, *, k: int = 1):
+        if not 1 <= k <= env.n_clients:
+            raise ValueError(f"toy: k={k}; accepted: 1..{env.n_clients} (n)")
+        return fedavg(env)
+
+    REGISTRY.names()  # load the package's rules first
+    monkeypatch.setitem(REGISTRY._items, "toy", AggregatorSpec("toy", toy, "a test rule"))
+    argv = [*BASE, "--out", str(tmp_path / "o"), "--defense", "toy", "--defense-opt", "k=9"]
+    for mode in ([], ["--dry-run"]):
+        assert _main([*argv, *mode]) == 2
+        assert "--defense toy (with n=4 clients per round" in capsys.readouterr().err
+    assert no_data == []
+    Config(model="mlp", clients=4, defense="toy", defense_opts=(("k", "4"),)).validate()
