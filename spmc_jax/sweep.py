@@ -847,6 +847,8 @@ def render_table(
     same column, the best V per column in bold; under each method, in italics, the
     published numbers rendered the same way (arrows against the published FedAvg).
     """
+    from spmc_jax.metrics import CHANCE_MARGIN
+
     published = published or load_published()
     pub = published_lookup(published)
     names = published.get("method_names", {})
@@ -898,7 +900,8 @@ def render_table(
         "",
         "Each cell: A / R / V (%). ↑/↓: higher/lower than FedAvg in the same column. "
         "**Bold**: best V in the column among models that learned. ⚠: the model stayed at "
-        "chance accuracy (A within 5 points of 100/classes; `learned: false` in its cell "
+        f"chance accuracy (A within {CHANCE_MARGIN:g} points of 100/classes; `learned: false` "
+        "in its cell "
         "summary): its R = 100 only means it predicts nothing, so it is never bold. "
         "R = 100 − attack success rate on all triggered test "
         "images (the reference's definition, target class included; `R_excl_target` in "

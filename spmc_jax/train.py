@@ -476,8 +476,11 @@ def chance_note(final: dict[str, Any]) -> str:
 
 def plot_curves(
     history: list[dict[str, Any]], path: Path, title: str, note: str | None = None
-) -> None:
-    """A and R per evaluated round (1-based, integer ticks); `note` in red under the title."""
+) -> Any:
+    """A and R per evaluated round (1-based, integer ticks); `note` in red at the bottom.
+
+    Returns the matplotlib Figure (also saved to `path`).
+    """
     # A bare Figure, not pyplot: no global backend switch (a notebook keeps its own).
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -496,6 +499,7 @@ def plot_curves(
         fig.text(0.5, 0.01, note, ha="center", va="bottom", color="firebrick", fontsize=8)
     fig.tight_layout(rect=(0, 0 if note is None else 0.07, 1, 1))
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -381,3 +381,17 @@ def test_a_new_rule_is_validated_by_its_own_factory(monkeypatch, capsys, no_data
         assert "--defense toy (with n=4 clients per round" in capsys.readouterr().err
     assert no_data == []
     Config(model="mlp", clients=4, defense="toy", defense_opts=(("k", "4"),)).validate()
+
+
+def test_curves_have_integer_round_ticks_and_the_chance_note(tmp_path):
+    from spmc_jax.train import plot_curves
+
+    hist = [{"round": r, "A": 10.0, "R": 100.0} for r in (1, 2, 3)]
+    fig = plot_curves(hist, tmp_path / "c.png", "t", note="NOT LEARNED: test")
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert [x for x, _ in ax.lines[0].get_xydata()] == [1, 2, 3]
+    assert any(t.get_text() == "NOT LEARNED: test" for t in fig.texts)
+    assert (tmp_path / "c.png").stat().st_size > 1000
