@@ -480,7 +480,7 @@ def run_cell(
 
     With `checkpoint_every` N > 0 the cell's run state is saved to cells/<id>.ckpt after each
     evaluation block ending on a multiple of N; a cell killed mid-way then resumes from its
-    latest checkpoint (same numbers as an uninterrupted run) instead of from round 0. The
+    latest checkpoint (same numbers as an uninterrupted run) instead of from round 1. The
     checkpoints are deleted once the cell has finished.
 
     Returns the summary (also written atomically to cells/<id>.json, the "done" marker).
@@ -510,7 +510,7 @@ def run_cell(
             ckpt_lib.check_resume(meta, cfg.to_dict(), client_devices)
             rows_so_far = ckpt_lib.completed_rows(rows_path, int(meta["rounds_done"]))
         except ValueError as err:
-            log(f"    checkpoint not used ({err}); the cell starts from round 0")
+            log(f"    checkpoint not used ({err}); the cell starts from round 1")
             rows_so_far = None
         if rows_so_far is not None:
             start, kept = int(meta["rounds_done"]), rows_so_far
@@ -640,7 +640,7 @@ def run_sweep(
       log: progress printer.
       quiet: no per-round lines.
       checkpoint_every: N > 0 saves each running cell's state every N rounds, so a killed
-        sweep resumes its interrupted cell mid-way (see `run_cell`); 0 reruns it from round 0.
+        sweep resumes its interrupted cell mid-way (see `run_cell`); 0 reruns it from round 1.
     """
     from spmc_jax.runinfo import environment
 
@@ -1147,7 +1147,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="save the running cell's state every N rounds, so a killed sweep resumes that "
-        "cell mid-way (same numbers) instead of from round 0; 0 = off",
+        "cell mid-way (same numbers) instead of from round 1; 0 = off",
     )
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     return p

@@ -405,19 +405,25 @@ def check_data_dir(cfg: Config) -> None:
 
 
 def check_devices(cfg: Config) -> None:
-    """--devices must not ask for more devices than JAX sees (initialises the backend)."""
+    """--devices must not ask for more devices than JAX sees, nor more than one for
+    --stream-aggregation (as `engine.Simulation` would find; initialises the backend)."""
     import jax
 
     from spmc_jax.sharding import resolve_device_count
 
     try:
-        resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients))
+        used = resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients))
     except ValueError:
         n = len(jax.devices())
         raise ValueError(
             f"--devices {cfg.devices}: only {n} device(s) are visible "
             f"({jax.devices()[0].platform}); accepted: 'auto' or 1..{n}"
         ) from None
+    if cfg.stream_aggregation and used > 1:
+        raise ValueError(
+            f"--stream-aggregation runs on one device; --devices {cfg.devices} shards the "
+            f"clients over {used}; accepted: --devices 1"
+        )
 
 
 def list_registry(kind: str) -> str:

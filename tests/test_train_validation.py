@@ -177,27 +177,21 @@ def test_bad_input_exits_2_before_any_data_and_writes_nothing(
 
 
 def test_bad_input_through_a_real_subprocess(tmp_path):
-    """The refusal as the shell sees it: exit 2, the error line, no traceback."""
+    """The refusal as the shell sees it: exit 2, the error line, no traceback. Here a check
+    that needs a fresh process: --cpu-devices 2 makes two devices, which --stream-aggregation
+    cannot use (engine.Simulation's refusal, now made before any data is loaded)."""
+    cmd = [sys.executable, "-m", "spmc_jax.train", *BASE, "--out", str(tmp_path / "o")]
+    extra = ["--cpu-devices", "2", "--stream-aggregation", "--defense", "fedavg"]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spmc_jax.train",
-            *BASE,
-            "--out",
-            str(tmp_path / "o"),
-            "--defense",
-            "krum",
-            "--assumed-malicious",
-            "3",
-        ],
+        [*cmd, *extra],
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         timeout=300,
     )
     assert r.returncode == 2, r.stderr
-    assert "error: --defense krum (with n=4 clients per round, f=3 assumed malicious)" in r.stderr
+    want = "error: --stream-aggregation runs on one device; --devices auto shards the "
+    assert want + "clients over 2; accepted: --devices 1" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
