@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spmc_jax import reporting, train
+from spmc_jax import gradcam, plot, reporting, sweep, train
 from spmc_jax.cli_help import HelpFormatter
 from spmc_jax.reporting import Progress, RunLogger, read_metrics_csv
 from tests.conftest import make_blob_dataset
@@ -156,6 +156,13 @@ def test_curves_png_is_written_after_the_first_evaluated_round(tmp_path):
     assert drawn == [[0, 1]]
 
 
+def test_sweep_cells_progress_counts_cells_and_estimates_from_cells_run(monkeypatch):
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: 100.0)
+    assert sweep.cells_progress(2, 8, [], 100.0) == "2/8 cells done, ETA after the first cell"
+    # 2 cells skipped (resumed), 2 run in 60 s: 4 left at 30 s each.
+    assert sweep.cells_progress(4, 8, ["a", "b"], 40.0) == "4/8 cells done, ETA 2m00s"
+
+
 def test_eta_and_durations():
     assert reporting.eta_seconds(0, 5, 10.0) is None
     assert reporting.eta_seconds(2, 5, 10.0) == 15.0
@@ -172,8 +179,9 @@ def test_wandb_requests_that_cannot_work_fail_before_compute(monkeypatch, capsys
     assert "--test-subsample must be >= 10" in capsys.readouterr().err
 
 
-def test_every_flag_has_a_sentence_and_its_default_once():
-    parser = train.build_parser()
+@pytest.mark.parametrize("module", [train, sweep, plot, gradcam], ids=lambda m: m.__name__)
+def test_every_flag_has_a_sentence_and_its_default_once(module):
+    parser = module.build_parser()
     fmt = HelpFormatter(parser.prog)
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
