@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 # Scalars written to TensorBoard / W&B per round (skipped where the row holds None).
 SCALAR_KEYS = ("A", "R", "R_excl_target", "V", "attacker_weight", "seconds", "nonfinite")
@@ -259,7 +259,11 @@ class RunLogger:
             # Resuming: purge_step makes TensorBoard drop events of rounds past the checkpoint
             # that a killed run had already written.
             start = kept[-1]["round"] + 1 if kept else None
-            self.tb = SummaryWriter(str(tb_dir), purge_step=start, flush_secs=10)
+            # The suffix keeps a resumed writer's file apart from the killed run's even within
+            # the same second (the file name's timestamp has 1 s resolution).
+            self.tb = SummaryWriter(
+                str(tb_dir), purge_step=start, flush_secs=10, filename_suffix=f".r{start or 0}"
+            )
             if not kept:
                 self.tb.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", 0)
         self.wandb: Any = None
@@ -270,7 +274,7 @@ class RunLogger:
                 project=wandb_project,
                 dir=str(self.out),
                 config=config,
-                mode=wandb_mode,
+                mode=cast(Any, wandb_mode),  # checked against WANDB_MODES by check_wandb
                 name=self.out.name,
                 resume="allow" if kept else None,
             )

@@ -163,6 +163,24 @@ def test_sweep_cells_progress_counts_cells_and_estimates_from_cells_run(monkeypa
     assert sweep.cells_progress(4, 8, ["a", "b"], 40.0) == "4/8 cells done, ETA 2m00s"
 
 
+def test_a_resumed_run_keeps_the_checkpointed_rounds_and_drops_the_later_ones(tmp_path):
+    def row(r, a):
+        return {"round": r, "A": a, "R": 50.0, "V": (a + 50.0) / 2, "attacker_weight": 0.25}
+
+    first = [row(0, 10.0), row(1, 20.0), row(2, 30.0)]  # round 2 ran past the checkpoint
+    with RunLogger(tmp_path, {"seed": 0}) as log:
+        for r in first:
+            log.log(r)
+    kept, again = first[:2], row(2, 33.0)  # resumed after 2 rounds: round 2 reruns
+    with RunLogger(tmp_path, {"seed": 0}, kept) as log:
+        log.log(again)
+    assert read_metrics_csv(tmp_path / "metrics.csv") == [*kept, again]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    # TensorBoard drops the killed run's round-2 event (purge_step), keeps the resumed one.
+    assert [(e.step, e.value) for e in acc.Scalars("A")] == [(0, 10.0), (1, 20.0), (2, 33.0)]
+
+
 def test_eta_and_durations():
     assert reporting.eta_seconds(0, 5, 10.0) is None
     assert reporting.eta_seconds(2, 5, 10.0) == 15.0
