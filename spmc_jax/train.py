@@ -747,14 +747,19 @@ def open_loggers(
     """The run's `reporting.RunLogger` (CSV, TensorBoard, W&B, live curves.png) and its
     round `reporting.Progress` bar (silent off a terminal, in CI and with --quiet), the bar
     announcing that the first round compiles."""
+    import jax
+
     from spmc_jax.reporting import Progress, RunLogger
 
+    # Multi-host: one TensorBoard / W&B run (process 0's), not one per host.
+    primary = jax.process_index() == 0
     logger = RunLogger(
         out,
         cfg.to_dict(),
         kept,
         plot=lambda history, path: plot_curves(history, path, title),
-        wandb_project=wandb_project,
+        tensorboard=primary,
+        wandb_project=wandb_project if primary else None,
         wandb_mode=wandb_mode,
     )
     progress = Progress(cfg.rounds, initial=len(kept), enabled=False if quiet else None)
