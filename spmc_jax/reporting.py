@@ -74,6 +74,7 @@ class Progress:
       unit: "round" or "cell".
       enabled: draw it (default: `interactive(stream)`).
       stream: where to draw (default stderr).
+      compiling: e.g. "round 1": start with the note that it includes compilation.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class Progress:
         unit: str = "round",
         enabled: bool | None = None,
         stream: TextIO | None = None,
+        compiling: str | None = None,
     ) -> None:
         self.stream = sys.stderr if stream is None else stream
         self.enabled = interactive(self.stream) if enabled is None else enabled
@@ -94,6 +96,7 @@ class Progress:
                 total=total,
                 initial=initial,
                 unit=unit,
+                desc=None if compiling is None else f"{compiling}: compiling",
                 file=self.stream,
                 dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}]"

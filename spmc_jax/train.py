@@ -762,8 +762,12 @@ def open_loggers(
         wandb_project=wandb_project if primary else None,
         wandb_mode=wandb_mode,
     )
-    progress = Progress(cfg.rounds, initial=len(kept), enabled=False if quiet else None)
-    progress.compiling(f"round {len(kept) + 1}")
+    progress = Progress(
+        cfg.rounds,
+        initial=len(kept),
+        enabled=False if quiet else None,
+        compiling=f"round {len(kept) + 1}",
+    )
     return logger, progress
 
 

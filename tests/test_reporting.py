@@ -124,8 +124,7 @@ def test_progress_on_a_terminal_says_compiling_then_shows_an_eta(monkeypatch):
 
     monkeypatch.delenv("CI", raising=False)
     stream = Tty()
-    with Progress(4, stream=stream) as bar:
-        bar.compiling("round 1")
+    with Progress(4, stream=stream, compiling="round 1") as bar:
         assert "round 1: compiling" in stream.getvalue()
         bar.update(1, "A 10.00 R 90.00")
     text = stream.getvalue()
