@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Description kept as written; every flag's default shown once."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Wrapped description; every flag's default shown once."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
