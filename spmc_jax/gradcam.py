@@ -251,6 +251,14 @@ def model_cams(cfg: Any, flat: Any, ds: Any, n_images: int = 6, label: str = "")
     )
 
 
+def _changed_box(clean: np.ndarray, triggered: np.ndarray) -> tuple | None:
+    """((row0, col0), (row1, col1)) bounding the pixels the trigger changed; None if none."""
+    rows, cols = np.nonzero(np.any(clean != triggered, axis=-1))
+    if len(rows) == 0:
+        return None
+    return (int(rows.min()), int(cols.min())), (int(rows.max()), int(cols.max()))
+
+
 def figure_size(n_images: int, n_models: int) -> tuple[float, float]:
     """Inches (width, height) of the grid: 2 image rows + 2 heat-map rows per model."""
     return LABEL_IN + CELL_IN * n_images, TITLE_IN + CELL_IN * (2 + 2 * n_models)
@@ -258,7 +266,8 @@ def figure_size(n_images: int, n_models: int) -> tuple[float, float]:
 
 def draw_cams(results: Sequence[CamResult], title: str = "") -> Any:
     """The Fig. 7-style grid: clean and triggered images on top, then per model its Grad-CAM
-    of the predicted class on each (overlaid, jet colormap), prediction in each cell's title.
+    of the predicted class on each (overlaid, jet colormap), prediction in each cell's title
+    (red when it is the backdoor target), the trigger outlined (dashed yellow).
 
     Returns a matplotlib Figure (no pyplot state).
     """
@@ -283,12 +292,29 @@ def draw_cams(results: Sequence[CamResult], title: str = "") -> Any:
         grid.append(
             (f"{r.label}\nGrad-CAM triggered", r.triggered, r.cam_triggered, r.pred_triggered)
         )
+    from matplotlib.patches import Rectangle
+
     for i, (name, imgs, cams, preds) in enumerate(grid):
         for j in range(n):
             a = ax[i, j]
             a.imshow(imgs[j], interpolation="nearest")
             if cams is not None:
                 a.imshow(cams[j], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            box = _changed_box(first.images[j], first.triggered[j])
+            if box is not None and "triggered" in name:
+                # Outline the trigger: a few dim pixels are easy to miss at this size.
+                (r0, c0), (r1, c1) = box
+                a.add_patch(
+                    Rectangle(
+                        (c0 - 0.5, r0 - 0.5),
+                        c1 - c0 + 1,
+                        r1 - r0 + 1,
+                        fill=False,
+                        edgecolor="yellow",
+                        lw=0.8,
+                        ls="--",
+                    )
+                )
             a.set_xticks([])
             a.set_yticks([])
             if preds is not None:
