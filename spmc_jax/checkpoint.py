@@ -402,3 +402,50 @@ def clear(directory: str | Path) -> bool:
 
         multihost_utils.sync_global_devices("spmc_jax.checkpoint.clear")
     return existed
+
+
+# ----------------------------------------------------------------------------- final model
+FINAL_MODEL_SUBDIR = "final_model"  # under a run's --out
+
+
+def save_final_model(
+    run_dir: str | Path,
+    global_flat: jax.Array,
+    rounds_done: int,
+    config: Mapping[str, Any],
+    client_devices: int = 1,
+) -> Path:
+    """Save a run's final global model (the flat parameter vector) to RUN_DIR/final_model.
+
+    The same orbax layout as the run checkpoints (a `Checkpointer` with one kept step whose
+    state is {"global_flat": vector}), so `spmc_jax.gradcam` and notebooks can reload the
+    trained model without the run state. An earlier run's final model there is replaced.
+
+    Returns:
+      The directory written.
+    """
+    d = Path(run_dir) / FINAL_MODEL_SUBDIR
+    clear(d)
+    with Checkpointer(d, keep=1, async_save=False) as ckpt:
+        ckpt.save({"global_flat": global_flat}, rounds_done, config, client_devices)
+    return d
+
+
+def load_final_model(run_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The final global model saved by `save_final_model`, as a host float vector.
+
+    Returns:
+      (flat parameter vector, metadata with the run's config and rounds_done).
+
+    Raises:
+      ValueError: RUN_DIR/final_model is missing or holds no complete checkpoint.
+    """
+    d = Path(run_dir) / FINAL_MODEL_SUBDIR
+    if latest_metadata(d) is None:
+        raise ValueError(
+            f"{str(d)!r} holds no final model; accepted: the --out of a finished "
+            "`python -m spmc_jax.train` run"
+        )
+    with Checkpointer(d, async_save=False) as ckpt:
+        tree, meta = ckpt.restore(None)
+    return np.asarray(tree["global_flat"]), meta

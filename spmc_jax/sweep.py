@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+from spmc_jax.cli_help import HelpFormatter
 from spmc_jax.config import DATASETS, MODELS, PROTOCOLS, Config
 from spmc_jax.data.types import Dataset
 from spmc_jax.train import fmt_pct as _fmt
@@ -607,6 +608,16 @@ def run_cell(
     return summary
 
 
+def cells_progress(done: int, total: int, ran: Sequence[str], t0: float) -> str:
+    """'3/8 cells done, ETA 4m10s': the ETA at the mean wall time of the cells this invocation
+    ran (resumed cells cost nothing), '…ETA after the first cell' before one has finished."""
+    from spmc_jax.reporting import eta_seconds, fmt_duration
+
+    eta = eta_seconds(len(ran), len(ran) + total - done, time.perf_counter() - t0)
+    left = "ETA after the first cell" if eta is None else f"ETA {fmt_duration(eta)}"
+    return f"{done}/{total} cells done, {left}"
+
+
 @dataclasses.dataclass
 class SweepResult:
     """What `run_sweep` did: cell ids it ran and skipped, and every finished cell's summary."""
@@ -686,7 +697,7 @@ def run_sweep(
                 k = cells.index(cell) + 1
                 log(
                     f"[{k}/{len(cells)}] {cell.id}: {cfg.epochs} local epoch(s), "
-                    f"{cfg.rounds} rounds"
+                    f"{cfg.rounds} rounds; {cells_progress(len(done), len(cells), ran, t0)}"
                 )
                 summary = run_cell(
                     cell,
@@ -1092,41 +1103,72 @@ def build_parser() -> argparse.ArgumentParser:
             "rerunning with the same --out skips finished cells. Presets: "
             + "; ".join(f"{k}: {v['description']}" for k, v in PRESETS.items())
         ),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--out", help="output directory (an existing one is resumed)")
+    p.add_argument(
+        "--preset", help=f"the grid to run, one of {', '.join(PRESETS)} (default: none; required)"
+    )
+    p.add_argument(
+        "--out",
+        help="output directory; an existing one is resumed (default: none; required)",
+    )
     p.add_argument(
         "--protocol",
         default=None,
-        help=f"{'/'.join(PROTOCOLS)} (default paper): paper = SPMC 10 local epochs, "
-        "baselines 1 (as the reference ran Table 2); fair = every method 10",
+        help=f"{'/'.join(PROTOCOLS)}: paper = SPMC 10 local epochs, baselines 1 (as the "
+        "reference ran Table 2); fair = every method 10 (default: paper)",
     )
     p.add_argument(
         "--datasets",
         nargs="+",
         metavar="NAME",
-        help=f"override the preset's datasets ({', '.join(DATASETS)})",
+        help=f"datasets to run, from {', '.join(DATASETS)} (default: the preset's)",
     )
     p.add_argument(
         "--defenses",
         nargs="+",
         metavar="NAME",
-        help="override the preset's defenses ('python -m spmc_jax.train --defense "
-        "help' lists them)",
+        help="defenses to run; 'python -m spmc_jax.train --defense help' lists them "
+        "(default: the preset's)",
     )
-    p.add_argument("--gammas", nargs="+", type=float, metavar="G", help="malicious ratios")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--subsample", help="N training images (stratified) or 'full'")
-    p.add_argument("--test-subsample", help="N test images (stratified) or 'full'")
-    p.add_argument("--clients", type=int, help="registered clients N")
     p.add_argument(
-        "--local-epochs", type=int, help="local epochs for every method (overrides --protocol)"
+        "--gammas",
+        nargs="+",
+        type=float,
+        metavar="G",
+        help="malicious ratios to run (default: the preset's)",
     )
-    p.add_argument("--attack", help="attack name(s) joined by '+'")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, metavar="S", help="seeds to run (default: the preset's)"
+    )
+    p.add_argument("--rounds", type=int, help="rounds per cell (default: the preset's)")
+    p.add_argument(
+        "--subsample",
+        help="N training images (class-stratified) or 'full' (default: the preset's)",
+    )
+    p.add_argument(
+        "--test-subsample",
+        help="N test images (class-stratified) or 'full' (default: the preset's)",
+    )
+    p.add_argument("--clients", type=int, help="registered clients N (default: the preset's)")
+    p.add_argument(
+        "--local-epochs",
+        type=int,
+        help="local epochs for every method, overriding --protocol (default: as --protocol says)",
+    )
+    p.add_argument(
+        "--attack", help="attack name(s) joined by '+' (default: the preset's, else base)"
+    )
+    p.add_argument(
+        "--model", help=f"one of {', '.join(MODELS)} (default: the preset's, else simple_cnn)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="local SGD mini-batch size (default: the preset's, else 64)"
+    )
+    p.add_argument(
+        "--data-dir",
+        help="directory holding the dataset files (default: as spmc_jax.train --data-dir)",
+    )
     p.add_argument(
         "--no-fetch", action="store_true", help="fail instead of fetching a missing dataset"
     )
@@ -1140,7 +1182,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the grid, list its cells (finished or not) and exit",
     )
-    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--list-presets", action="store_true", help="list the presets with their grids and exit"
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -1149,7 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the running cell's state every N rounds, so a killed sweep resumes that "
         "cell mid-way (same numbers) instead of from round 1; 0 = off",
     )
-    p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    p.add_argument(
+        "--quiet", action="store_true", help="print no per-round lines, only one line per cell"
+    )
     return p
 
 

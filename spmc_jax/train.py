@@ -6,7 +6,10 @@ Outputs in `--out` (default `runs/<dataset>-<defense>-<attack>-g<γ>-s<seed>-<co
   summary.json   full config, package versions, device, the plan, last-N-round means (N =
                  min(5, evaluated rounds)), `learned` (False: A stayed at chance level)
   plan.json      the plan (also written by --dry-run)
-  curves.png     A and R per round
+  metrics.csv    the same rows as CSV (lists as JSON text)
+  tb/            TensorBoard event files (`tensorboard --logdir OUT/tb`)
+  curves.png     A and R per round, redrawn while the run goes
+  final_model/   the final global model (orbax; `python -m spmc_jax.gradcam --run OUT`)
   checkpoints/   with --checkpoint-every N: the run state after completed rounds (orbax; the
                  folder of the state after round r is named r); --resume continues from the
                  latest one
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spmc_jax.cli_help import HelpFormatter
 from spmc_jax.config import (
     COMPUTE_DTYPES,
     CONV_IMPLS,
@@ -54,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
             f"defense {DEFAULTS.defense}, attack "
             f"{DEFAULTS.attack}, {DEFAULTS.clients} clients, {DEFAULTS.rounds} rounds."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of {', '.join(DATASETS)}")
-    d.add_argument("--data-dir", default=None, help="directory holding the dataset files")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding the dataset files (default: $SPMC_JAX_DATA_DIR, else the "
+        "cache ~/.cache/spmc_jax, then where package registries install them)",
+    )
     d.add_argument(
         "--no-fetch", action="store_true", help="fail instead of fetching a missing dataset"
     )
@@ -66,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--subsample",
         type=int,
         default=None,
-        help="use a class-stratified subset of N training images (quick runs)",
+        help="train on a class-stratified subset of N training images, for quick runs "
+        "(default: all training images)",
     )
     d.add_argument(
         "--partition", default=DEFAULTS.partition, help=f"one of {', '.join(PARTITIONS)}"
@@ -87,24 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="clients sampled per round m (default: all)",
     )
-    f.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
+    f.add_argument(
+        "--rounds", type=int, default=DEFAULTS.rounds, help="communication rounds to train"
+    )
     f.add_argument(
         "--protocol",
         default=DEFAULTS.protocol,
-        help=f"{'/'.join(PROTOCOLS)}: fair = every method --local-epochs (default 10), every "
-        "rule as its paper defines it; paper = as the reference ran Table 2: SPMC 10 local "
-        "epochs, baselines 1, and the reference's baseline quirks (config.PAPER_QUIRKS)",
+        help=f"{'/'.join(PROTOCOLS)}: fair = every method trains --local-epochs (10 when "
+        "unset), every rule as its paper defines it; paper = as the reference ran Table 2: SPMC "
+        "10 local epochs, baselines 1, and the reference's baseline quirks (config.PAPER_QUIRKS)",
     )
     f.add_argument(
         "--local-epochs",
         type=int,
         default=None,
-        help="local epochs for every method (overrides --protocol)",
+        help="local epochs for every method, overriding --protocol (default: as --protocol says)",
     )
-    f.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    f.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    f.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
-    f.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    f.add_argument(
+        "--batch-size", type=int, default=DEFAULTS.batch_size, help="local SGD mini-batch size"
+    )
+    f.add_argument("--lr", type=float, default=DEFAULTS.lr, help="local SGD learning rate")
+    f.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="local SGD momentum")
+    f.add_argument(
+        "--weight-decay",
+        type=float,
+        default=DEFAULTS.weight_decay,
+        help="local SGD weight decay (L2, PyTorch style)",
+    )
     f.add_argument("--model", default=DEFAULTS.model, help=f"one of {', '.join(MODELS)}")
     f.add_argument(
         "--conv-impl",
@@ -120,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
             "benchmarks/RESULTS.md)"
         ),
     )
-    f.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    f.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.seed,
+        help="seed of the partition, the model init and every random draw of the run",
+    )
     a = p.add_argument_group("threat model")
     a.add_argument(
         "--gamma",
@@ -137,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attack-opt",
         action="append",
         metavar="NAME.KEY=VALUE",
-        help="attack option, repeatable, e.g. scaling.boost=5",
+        help="attack option, repeatable, e.g. scaling.boost=5 (default: each attack's own "
+        "defaults, listed by --attack help)",
     )
     a.add_argument(
         "--attack-start",
@@ -163,13 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--defense-opt",
         action="append",
         metavar="KEY=VALUE",
-        help="defense hyperparameter, repeatable (see --defense help)",
+        help="defense hyperparameter, repeatable (default: the rule's own defaults, listed by "
+        "--defense help)",
     )
     s.add_argument(
         "--assumed-malicious",
         type=int,
         default=None,
-        help="attacker count given to rules that need one (default floor(n*gamma))",
+        help="attacker count given to rules that need one (default: floor(m*gamma))",
     )
     s.add_argument(
         "--spmc-lambda", type=float, default=DEFAULTS.spmc_lambda, help="SPMC projection strength"
@@ -206,12 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = p.add_argument_group("execution")
     e.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds")
-    e.add_argument("--eval-batch", type=int, default=DEFAULTS.eval_batch)
+    e.add_argument(
+        "--eval-batch",
+        type=int,
+        default=DEFAULTS.eval_batch,
+        help="test images per evaluation batch (memory only; the numbers do not change)",
+    )
     e.add_argument(
         "--client-chunk",
         type=int,
         default=None,
-        help="clients trained at once (bounds memory; default: all that fit, 1 on CPU)",
+        help="clients trained at once, bounding memory (default: all that fit, 1 on CPU)",
     )
     e.add_argument(
         "--stream-aggregation",
@@ -238,22 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=(
             "split the host CPU into N JAX devices (jax_num_cpu_devices) so clients train on "
-            "them in parallel under --devices; CPU backend only"
+            "them in parallel under --devices; CPU backend only (default: one CPU device)"
         ),
     )
     e.add_argument(
         "--coordinator",
         default=None,
-        help="multi-host: host:port of process 0 (or env SPMC_COORDINATOR)",
+        help="multi-host: host:port of process 0 (default: env SPMC_COORDINATOR, else one host)",
     )
-    e.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
-    e.add_argument("--process-id", type=int, default=None, help="multi-host: this process's rank")
+    e.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="multi-host: process count (default: env SPMC_NUM_PROCESSES, else one host)",
+    )
+    e.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="multi-host: this process's rank (default: env SPMC_PROCESS_ID, else one host)",
+    )
     e.add_argument(
         "--out",
         default=None,
-        help="output directory (default runs/<dataset>-<defense>-<attack>-g<gamma>-s<seed>-"
-        "<hash of the options that change the numbers>); a folder holding a run is refused "
-        "unless --overwrite or --resume",
+        help="output directory; a folder holding a run is refused unless --overwrite or "
+        "--resume (default: runs/<dataset>-<defense>-<attack>-g<gamma>-s<seed>-<hash of the "
+        "options that change the numbers>)",
     )
     e.add_argument(
         "--overwrite",
@@ -265,7 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate, build the partition, write the plan and exit without training",
     )
-    e.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    e.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print no per-round lines and no progress bar (the bar is off anyway when stderr "
+        "is not a terminal or CI is set)",
+    )
+    e.add_argument(
+        "--test-subsample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate A and R on a class-stratified subset of N test images, for quick runs "
+        "(default: the whole test set)",
+    )
+    e.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log every round to this Weights & Biases project, which needs the optional "
+        "extra spmc_jax[wandb] (default: no W&B run)",
+    )
+    e.add_argument(
+        "--wandb-mode",
+        default="offline",
+        help="offline: write the W&B run under OUT/wandb with no network or account (upload "
+        "later with `wandb sync`); online: stream it to the W&B server",
+    )
     e.add_argument(
         "--checkpoint-every",
         type=int,
@@ -426,6 +493,12 @@ def check_devices(cfg: Config) -> None:
         )
 
 
+ATTACK_KIND_HEADINGS = {
+    "data": "data attacks (change the attackers' training data: poison samples, add a trigger):",
+    "model": "model attacks (change the attackers' trained models before aggregation):",
+}
+
+
 def list_registry(kind: str) -> str:
     from spmc_jax.aggregators import REGISTRY as DEFENSES
     from spmc_jax.attacks import REGISTRY as ATTACKS
@@ -433,11 +506,26 @@ def list_registry(kind: str) -> str:
 
     items: list[tuple[str, Any]] = list((DEFENSES if kind == "defense" else ATTACKS).items())
     lines = [f"{kind}s (use --{kind} NAME, options with --{kind}-opt):"]
-    for name, spec in items:
-        opts = ", ".join(f"{k}={p.default!r}" for k, p in factory_options(spec.factory).items())
-        lines.append(f"  {name:<18} {spec.summary}")
-        if opts:
-            lines.append(f"  {'':<18} options: {opts}")
+
+    def entries(group: list[tuple[str, Any]]) -> None:
+        for name, spec in group:
+            opts = ", ".join(f"{k}={p.default!r}" for k, p in factory_options(spec.factory).items())
+            lines.append(f"  {name:<18} {spec.summary}")
+            if opts:
+                lines.append(f"  {'':<18} options: {opts}")
+
+    if kind == "defense":
+        entries(items)
+        return "\n".join(lines)
+    for group_kind, heading in ATTACK_KIND_HEADINGS.items():
+        group = [(n, s) for n, s in items if s.kind == group_kind]
+        if group:
+            lines.append(heading)
+            entries(group)
+    lines.append(
+        "Combine at most one data attack with model attacks: --attack base+scaling trains the "
+        "attackers on poisoned data, then boosts their models."
+    )
     return "\n".join(lines)
 
 
@@ -499,6 +587,8 @@ def plot_curves(
         ax[i].xaxis.set_major_locator(MaxNLocator(integer=True))
         ax[i].set_xlabel("round")
         ax[i].set_ylabel(f"{key} (%)")
+        # The whole percentage scale: a 0.1-point wiggle must not look like a trend.
+        ax[i].set_ylim(-2, 102)
         ax[i].grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     if note is not None:
@@ -536,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
         )
+        check_workbench_args(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -545,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         quiet=args.quiet,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        test_subsample=args.test_subsample,
+        wandb_project=args.wandb,
+        wandb_mode=args.wandb_mode,
     )
 
 
@@ -594,12 +688,17 @@ def execute(
     quiet: bool = False,
     checkpoint_every: int = 0,
     resume: bool = False,
+    test_subsample: int | None = None,
+    wandb_project: str | None = None,
+    wandb_mode: str = "offline",
 ) -> int:
     """Load data, plan, (train), write outputs. Returns the exit code.
 
     With `resume`, the run in `--out` continues from its latest checkpoint (checked before
     any data is loaded); with `checkpoint_every` N > 0, the state is saved after each
-    evaluation block ending on a multiple of N and after the last round.
+    evaluation block ending on a multiple of N and after the last round. `test_subsample`
+    evaluates on a class-stratified subset of that many test images; `wandb_project` also
+    logs to Weights & Biases (`reporting.RunLogger`).
     """
     from spmc_jax.data import load_dataset
     from spmc_jax.data.sources import DatasetNotFoundError
@@ -617,7 +716,9 @@ def execute(
             print(f"error: {err}", file=sys.stderr)
             return 2
     try:
-        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, fetch=cfg.fetch)
+        ds = test_subset(
+            load_dataset(cfg.dataset, data_dir=cfg.data_dir, fetch=cfg.fetch), test_subsample
+        )
         plan = make_plan(cfg, ds)
     except (ValueError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -627,6 +728,7 @@ def execute(
     plan_d = plan.to_dict()
     avail = device_memory_bytes()
     plan_d["device_memory_bytes"] = avail
+    plan_d["test_subsample"] = test_subsample
     (out / "plan.json").write_text(
         json.dumps({"config": cfg.to_dict(), "plan": plan_d, "environment": env}, indent=1)
     )
@@ -693,15 +795,24 @@ def execute(
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     fh = metrics_path.open("a")
     t_start = time.perf_counter()
+    title = f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}"
+    logger, progress = open_loggers(
+        out, cfg, kept, title, quiet=quiet, wandb_project=wandb_project, wandb_mode=wandb_mode
+    )
 
     def on_round(row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
-        if not quiet and row.get("A") is not None:
-            print(round_line(row, cfg.rounds), flush=True)
+        logger.log(row)
+        evaluated = row.get("A") is not None
+        progress.update(
+            1, f"A {fmt_pct(row['A']).strip()} R {fmt_pct(row['R']).strip()}" if evaluated else None
+        )
+        if not quiet and evaluated:
+            progress.write(round_line(row, cfg.rounds))
         warn = nonfinite_line(row, cfg.rounds)
         if warn is not None:
-            print(warn, flush=True)
+            progress.write(warn)
 
     try:
         result = run(
@@ -716,8 +827,11 @@ def execute(
         )
     finally:
         fh.close()
+        progress.close()
+        logger.close()
         if ckpt is not None:
             ckpt.close()  # waits for the last asynchronous save
+    ckpt_lib.save_final_model(out, result.state.global_flat, cfg.rounds, cfg.to_dict())
     final = last_k_means(result.history)
     final.update(learned(final["A"], ds.num_classes))
     summary = {
@@ -735,14 +849,10 @@ def execute(
             sum(h["attacker_weight"] for h in result.history) / len(result.history)
         ),
     }
+    summary["test_subsample"] = test_subsample
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     note = None if final["learned"] else chance_note(final)
-    plot_curves(
-        result.history,
-        out / "curves.png",
-        f"{cfg.dataset} {cfg.defense} vs {cfg.attack}, gamma={cfg.gamma}",
-        note=note,
-    )
+    plot_curves(result.history, out / "curves.png", title, note=note)
     print(
         f"last-{len(final['rounds_averaged'])}-round means: A {fmt_pct(final['A'])}  "
         f"R {fmt_pct(final['R'])}  R(excl. target) {fmt_pct(final['R_excl_target'])}  "
@@ -750,8 +860,67 @@ def execute(
     )
     if note is not None:
         print(f"warning: {note}")
-    print(f"outputs: {out}/metrics.jsonl, summary.json, curves.png")
+    print(f"outputs: {out}/metrics.jsonl, metrics.csv, summary.json, curves.png, tb/, final_model/")
     return 0
+
+
+def check_workbench_args(args: argparse.Namespace) -> None:
+    """Validate the logging / evaluation flags (before any data is loaded).
+
+    Raises:
+      ValueError: --test-subsample below 10, or a --wandb request that cannot work.
+    """
+    from spmc_jax.reporting import check_wandb
+
+    if args.test_subsample is not None and args.test_subsample < 10:
+        raise ValueError(
+            f"--test-subsample must be >= 10 (one image per class), got {args.test_subsample}"
+        )
+    check_wandb(args.wandb, args.wandb_mode)
+
+
+def test_subset(ds: Any, n: int | None) -> Any:
+    """The dataset with a class-stratified subset of `n` test images (as sweep's)."""
+    from spmc_jax.sweep import _test_subset
+
+    return _test_subset(ds, n)
+
+
+def open_loggers(
+    out: Path,
+    cfg: Config,
+    kept: list[dict[str, Any]],
+    title: str,
+    *,
+    quiet: bool,
+    wandb_project: str | None,
+    wandb_mode: str,
+) -> tuple[Any, Any]:
+    """The run's `reporting.RunLogger` (CSV, TensorBoard, W&B, live curves.png) and its
+    round `reporting.Progress` bar (silent off a terminal, in CI and with --quiet), the bar
+    announcing that the first round compiles."""
+    import jax
+
+    from spmc_jax.reporting import Progress, RunLogger
+
+    # Multi-host: one TensorBoard / W&B run (process 0's), not one per host.
+    primary = jax.process_index() == 0
+    logger = RunLogger(
+        out,
+        cfg.to_dict(),
+        kept,
+        plot=lambda history, path: plot_curves(history, path, title),
+        tensorboard=primary,
+        wandb_project=wandb_project if primary else None,
+        wandb_mode=wandb_mode,
+    )
+    progress = Progress(
+        cfg.rounds,
+        initial=len(kept),
+        enabled=False if quiet else None,
+        compiling=f"round {len(kept) + 1}",
+    )
+    return logger, progress
 
 
 if __name__ == "__main__":
