@@ -283,11 +283,13 @@ def local_train_from_step(
             )
             return carry, None
 
-        zero = jnp.zeros((), jnp.float32)
+        # Accumulators in the default float dtype: float64 under jax_enable_x64, so a float64
+        # model's per-step loss fits the scan carry.
+        zero = jnp.zeros((), jax.dtypes.canonicalize_dtype(jnp.float64))
         (variables, _, loss_sum, proj_sum), _ = jax.lax.scan(
             epoch, (variables, opt_state, zero, zero), jnp.arange(epochs)
         )
-        steps = (n_batches * epochs).astype(jnp.float32)
+        steps = (n_batches * epochs).astype(zero.dtype)
         denom = jnp.maximum(steps, 1.0)
         return LocalResult(variables, loss_sum / denom, steps, proj_sum / denom)
 

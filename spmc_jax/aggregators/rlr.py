@@ -59,7 +59,7 @@ def rlr(
         sizes = ctx.n_samples if data_weighted else jnp.ones_like(ctx.n_samples)
         if reference_permutation_bug:
             sizes = sizes[jax.random.permutation(ctx.key, n)]
-        alphas = normalized(jnp.where(valid, sizes, 0.0).astype(jnp.float32))
+        alphas = normalized(jnp.where(valid, sizes, 0.0).astype(client_flat.dtype))
         votes = jnp.abs(jnp.sum(jnp.sign(delta), axis=0))
         eta = jnp.where(votes >= threshold, server_lr, -server_lr)
         avg = alphas @ delta

@@ -1,0 +1,139 @@
+"""`--protocol paper` end to end: the reference quirks reach the rule the engine builds, the
+run records what the rule received, and SPMC's server-only ablation trains like the reference.
+
+Each quirk test builds real `Simulation`s (paper and fair) and feeds their own aggregators
+one client matrix: the paper rule must give exactly the aggregate of the rule built by hand
+with the quirk options listed here from spmc_reference.md §4 (not read from PAPER_QUIRKS),
+the fair rule exactly that of the rule with no options, and the two must differ on that
+matrix (so a quirk that never reaches the rule fails). Equality is exact: the same jitted
+math on the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmc_jax.aggregators import RoundContext, get_aggregator
+from spmc_jax.config import PAPER_QUIRKS, Config
+from spmc_jax.engine import Simulation, _Proxy, run
+
+# 6 clients, γ = 1/3: m = 2, so DnC removes ⌊0.5·2⌋ = 1 client and Bulyan's f = 2 differs from
+# the reference's fixed count 1.
+TINY = dict(
+    clients=6, rounds=1, local_epochs=1, batch_size=16, gamma=0.34, eval_batch=150, model="mlp"
+)
+
+# The reference behaviours behind Table 2's baseline rows (spmc_reference.md §4).
+REFERENCE_OPTIONS = {
+    "sageflow": {"reference_bug": True},
+    "bulyan": {"reference_fixed_f": True, "reference_base_client0": True, "momentum_buffers": True},
+    "foolsgold": {"reference_first_coords": True, "reference_permutation_bug": True},
+    "dnc": {"reference_permutation_bug": True},
+    "rlr": {"reference_permutation_bug": True},
+    "rfa": {"per_tensor": True},
+    "rsa": {"clip": 3.0, "reference_sequential_clip": True, "reference_frozen_buffers": True},
+}
+
+
+PROTOCOLS = ("paper", "fair")
+STATEFUL = ("bulyan", "foolsgold")  # server momentum, update history
+
+
+def test_reference_options_cover_every_quirk():
+    assert PAPER_QUIRKS == REFERENCE_OPTIONS
+
+
+def _matrix(sim: Simulation, seed: int) -> tuple[jax.Array, RoundContext]:
+    """Client models g + 0.05·N(0, 1) (one row with a larger step) and a round context."""
+    rng = np.random.default_rng(seed)
+    g = np.asarray(sim.init_flat)
+    w = g + 0.05 * rng.normal(size=(sim.n, g.size))
+    w[-1] += 0.1 * rng.normal(size=g.size)
+    ctx = RoundContext(
+        global_flat=jnp.asarray(g),
+        round=jnp.asarray(0, jnp.int32),
+        key=jax.random.key(seed),
+        n_samples=jnp.asarray(np.asarray(sim.data.sizes), jnp.float32),
+        valid=jnp.ones((sim.n,), bool),
+        client_ids=jnp.arange(sim.n, dtype=jnp.int32),
+    )
+    return jnp.asarray(w, jnp.float32), ctx
+
+
+def _aggregate(agg, w, ctx, rounds):
+    """`rounds` rounds of `agg` on the same matrix (stateful rules: the state matters too)."""
+    state = agg.init(ctx.global_flat)
+    step = jax.jit(agg.aggregate)
+    outs = []
+    for t in range(rounds):
+        out, state, info = step(w, state, ctx._replace(round=jnp.asarray(t, jnp.int32)))
+        outs.append((np.asarray(out), np.asarray(info.client_weights)))
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_OPTIONS))
+def test_paper_protocol_rule_is_the_quirked_rule(name, blobs):
+    sims = {p: Simulation(Config(defense=name, protocol=p, **TINY), blobs) for p in PROTOCOLS}
+    w, ctx = _matrix(sims["paper"], seed=3)
+    rounds = 2 if name in STATEFUL else 1
+    got, want = {}, {}
+    for protocol, sim in sims.items():
+        got[protocol] = _aggregate(sim.aggregator(sim.data), w, ctx, rounds)
+        opts = REFERENCE_OPTIONS[name] if protocol == "paper" else {}
+        assert sim.defense_opts == opts
+        env = dataclasses.replace(sim.agg_env, proxy=_Proxy(sim, sim.data))
+        by_hand = get_aggregator(name, env, inputs_sanitized=True, **opts)
+        want[protocol] = _aggregate(by_hand, w, ctx, rounds)
+    for protocol in PROTOCOLS:
+        for (out, cw), (exp, exp_w) in zip(got[protocol], want[protocol], strict=True):
+            np.testing.assert_array_equal(out, exp)
+            np.testing.assert_array_equal(cw, exp_w)
+    # The quirks change this aggregate: a paper run that silently ran the fair rule fails.
+    assert not np.array_equal(got["paper"][-1][0], got["fair"][-1][0])
+
+
+def test_explicit_defense_opt_wins_over_the_quirk(blobs):
+    cfg = Config(defense="rsa", protocol="paper", defense_opts=(("clip", "inf"),), **TINY)
+    sim = Simulation(cfg, blobs)
+    assert sim.defense_opts["clip"] == math.inf  # coerced by the registry, not the string
+    assert sim.defense_opts["reference_sequential_clip"] is True
+
+
+def test_summary_records_the_options_the_rule_received(blobs, tmp_path, monkeypatch):
+    from spmc_jax import train
+
+    # The CLI's own path (execute -> Simulation -> summary.json) on the synthetic set.
+    monkeypatch.setattr("spmc_jax.data.load_dataset", lambda *a, **k: blobs)
+    args = [
+        *("--dataset", "mnist", "--defense", "rsa", "--protocol", "paper"),
+        *("--clients", "6", "--rounds", "1", "--local-epochs", "1", "--batch-size", "16"),
+        *("--gamma", "0.34", "--model", "mlp", "--defense-opt", "alpha=0.1"),
+        *("--out", str(tmp_path), "--quiet"),
+    ]
+    assert train.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    got = summary["defense_options_received"]
+    assert got == {**REFERENCE_OPTIONS["rsa"], "alpha": 0.1}
+    assert isinstance(got["alpha"], float)  # the coerced value, not the CLI string
+
+
+def test_spmc_server_only_under_paper_trains_one_epoch(blobs):
+    """`--no-projection --protocol paper`: the reference's SPMD server with its plain FedAvG
+    client (1 local epoch, spmc_reference.md §1.4), the same run as 1 explicit epoch."""
+    base = {**TINY, "rounds": 1}
+    del base["local_epochs"]
+    paper = Config(defense="spmc", protocol="paper", projection=False, **base)
+    assert paper.epochs == 1
+    assert Config(defense="spmc", protocol="paper", **base).epochs == 10
+    one = Config(defense="spmc", protocol="fair", projection=False, local_epochs=1, **base)
+    h_paper = run(paper, blobs).history[0]
+    h_one = run(one, blobs).history[0]
+    # Same numbers as 1 explicit epoch (10 epochs would change the loss and the model).
+    assert h_paper["loss"] == h_one["loss"] and h_paper["A"] == h_one["A"]
