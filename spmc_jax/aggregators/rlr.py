@@ -74,7 +74,8 @@ register(
     AggregatorSpec(
         "rlr",
         rlr,
-        "RLR (AAAI'21): flip the server learning rate on parameter coordinates where fewer "
-        "than `threshold` client update signs agree; data-weighted mean",
+        "RLR (AAAI'21): flip the server learning rate on parameter coordinates where the net "
+        "sign vote |sum sign(delta_i)| < threshold (n=10, 4: unless 7 of 10 agree); "
+        "data-weighted mean",
     )
 )
