@@ -137,3 +137,35 @@ def test_spmc_server_only_under_paper_trains_one_epoch(blobs):
     h_one = run(one, blobs).history[0]
     # Same numbers as 1 explicit epoch (10 epochs would change the loss and the model).
     assert h_paper["loss"] == h_one["loss"] and h_paper["A"] == h_one["A"]
+
+
+def test_paper_foolsgold_reads_the_reference_first_coordinates(blobs):
+    """SimpleCNN under --protocol paper: FoolsGold's weights depend only on the reference's
+    first n parameter coordinates, conv1.weight[0, 0, 0:2, :] (spmc_reference.md §4), i.e.
+    our HWIO kernel[0:2, 0:5, 0, 0] (n = 6 here: its first 6 entries)."""
+    cfg = Config(defense="foolsgold", protocol="paper", **{**TINY, "model": "simple_cnn"})
+    sim = Simulation(cfg, blobs)
+    conv1 = next(x for x in sim.flat.layout if x.name == "['params']['conv1']['kernel']")
+    kernel_idx = np.arange(conv1.start, conv1.stop).reshape(conv1.shape)
+    first = np.asarray(sim.agg_env.reference_param_order[: sim.n])
+    np.testing.assert_array_equal(first, kernel_idx[0:2, :, 0, 0].ravel()[: sim.n])
+    w, ctx = _matrix(sim, seed=5)
+    agg = sim.aggregator(sim.data)
+    step = jax.jit(agg.aggregate)
+
+    def weights(m):
+        return np.asarray(step(m, agg.init(ctx.global_flat), ctx)[2].client_weights)
+
+    base = weights(w)
+    # Cosines are scale free, so the full-norm normalisation does not matter: redrawing every
+    # other coordinate leaves the weights unchanged; moving one first coordinate changes them.
+    rng = np.random.default_rng(0)
+    others = np.setdiff1d(np.arange(sim.flat.dim), first)
+    w2 = np.asarray(w).copy()
+    w2[:, others] = np.asarray(ctx.global_flat)[others] + 0.05 * rng.normal(
+        size=(sim.n, others.size)
+    )
+    np.testing.assert_allclose(weights(jnp.asarray(w2)), base, atol=1e-6)
+    w3 = np.asarray(w).copy()
+    w3[0, first] = np.asarray(w)[1, first]  # clients 0 and 1 now look alike there
+    assert not np.allclose(weights(jnp.asarray(w3)), base, atol=1e-3)
