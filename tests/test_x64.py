@@ -82,7 +82,7 @@ def test_every_rule_runs_in_float64(name):
     with jax.enable_x64(True):
         _, w, _, ctx = _inputs(0)
         assert ctx.global_flat.dtype == jnp.float64
-        out, state, info = _run(name, w, ctx, rounds=2)
+        out, state, info = _run(name, w, ctx)
         assert out.dtype == jnp.float64 and out.shape == (D,)
         assert np.all(np.isfinite(np.asarray(out)))
         for leaf in jax.tree.leaves(state):  # float state (momentum, history) stays float64
