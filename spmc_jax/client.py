@@ -157,9 +157,11 @@ def make_client_step(
             t_logits, _ = forward(teacher, x)
             t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
             # Teacher == student (the first step of round 0, and of a client whose teacher is
-            # the global model): G_g is exactly 0 and nothing is projected (spmc_reference.md
-            # §3.3). Separately compiled forward passes differ by rounding, and the
-            # scale-free projection would then project onto that noise.
+            # the global model): G_g is exactly 0 by the equations and nothing is projected.
+            # Separately compiled forward passes differ by rounding, and the scale-free
+            # projection would then project onto that noise. The reference does project
+            # there, on its own rounding noise (spmc_reference.md §3.3): a known divergence
+            # that no option reproduces (README, "Differences from the reference").
             same = jnp.all(
                 jnp.stack(
                     [
@@ -283,11 +285,13 @@ def local_train_from_step(
             )
             return carry, None
 
-        zero = jnp.zeros((), jnp.float32)
+        # Accumulators in the default float dtype: float64 under jax_enable_x64, so a float64
+        # model's per-step loss fits the scan carry.
+        zero = jnp.zeros((), jax.dtypes.canonicalize_dtype(jnp.float64))
         (variables, _, loss_sum, proj_sum), _ = jax.lax.scan(
             epoch, (variables, opt_state, zero, zero), jnp.arange(epochs)
         )
-        steps = (n_batches * epochs).astype(jnp.float32)
+        steps = (n_batches * epochs).astype(zero.dtype)
         denom = jnp.maximum(steps, 1.0)
         return LocalResult(variables, loss_sum / denom, steps, proj_sum / denom)
 

@@ -36,14 +36,22 @@ NUMBER_NEUTRAL_FIELDS = frozenset(
 
 # Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
 # by `--protocol paper`; `--protocol fair` runs every rule as its paper defines it. Explicit
-# `--defense-opt` values always win.
-PAPER_QUIRKS: dict[str, dict[str, bool]] = {
+# `--defense-opt` values always win. The engine hands exactly `Config.defense_options()` to the
+# rule (summary.json: `defense_options_received`).
+PAPER_QUIRKS: dict[str, dict[str, Any]] = {
     "sageflow": {"reference_bug": True},
-    "bulyan": {"reference_fixed_f": True, "reference_base_client0": True},
+    # The reference's server momentum runs on the whole state_dict (BN statistics included).
+    "bulyan": {
+        "reference_fixed_f": True,
+        "reference_base_client0": True,
+        "momentum_buffers": True,
+    },
     "foolsgold": {"reference_first_coords": True, "reference_permutation_bug": True},
     "dnc": {"reference_permutation_bug": True},
     "rlr": {"reference_permutation_bug": True},
-    "rsa": {"reference_sequential_clip": True, "reference_frozen_buffers": True},
+    # The reference runs one Weiszfeld median per state_dict entry.
+    "rfa": {"per_tensor": True},
+    "rsa": {"clip": 3.0, "reference_sequential_clip": True, "reference_frozen_buffers": True},
 }
 
 
@@ -56,6 +64,11 @@ class Config:
     Table 2's baseline rows (`PAPER_QUIRKS`); `fair` trains every method for `local_epochs`
     (default 10) with every rule as its paper defines it. An explicit `local_epochs`
     overrides both.
+
+    SPMC's "server part only" ablation (`projection=False`) under `paper` trains 1 local
+    epoch: the 10 epochs belong to the reference's projecting client optimiser
+    (`AlignedGradient`, §3.3); without the projection the SPMD server runs with the
+    reference's plain client (`--optim FedAvG`, §1.4, §4), whose epoch loop is commented out.
     """
 
     # data
@@ -140,7 +153,9 @@ class Config:
         if self.local_epochs is not None:
             return self.local_epochs
         if self.protocol == "paper":
-            return 10 if self.defense == "spmc" else 1
+            # 10 epochs only with the projecting client (AlignedGradient); the server part
+            # alone runs on the reference's FedAvG client, 1 epoch (§1.4).
+            return 10 if self.uses_spmc_client else 1
         return 10
 
     def defense_options(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from spmc_jax.config import STREAMABLE_DEFENSES, Config
 from spmc_jax.data import partition as part_lib
 from spmc_jax.data.pipeline import make_test_transform, make_train_transform, pil_bilinear_resize
 from spmc_jax.data.types import INPUT_SHAPE, Dataset
-from spmc_jax.flat import Flattener
+from spmc_jax.flat import REFERENCE_MODULES, Flattener
 from spmc_jax.metrics import make_evaluator
 from spmc_jax.models import OUTPUT_LAYERS, get_model
 
@@ -656,6 +656,11 @@ class Simulation:
             proxy=None,
             layout=self.flat.layout,
             output_layer=OUTPUT_LAYERS[cfg.model],
+            reference_param_order=(
+                self.flat.reference_order(cfg.model, params_only=True)
+                if cfg.model in REFERENCE_MODULES
+                else None
+            ),
         )
         self.defense_opts = self._defense_options()
         self.data = self._device_data()
@@ -664,12 +669,13 @@ class Simulation:
 
     # ---- pieces -------------------------------------------------------------------
     def _defense_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = dict(self.cfg.defense_opts)
-        if self.cfg.defense == "spmc":
-            opts.setdefault("temperature", self.cfg.spmc_temperature)
-            opts.setdefault("space", self.cfg.spmc_space)
-            opts.setdefault("server_weighting", self.cfg.server_weighting)
-        return opts
+        """The rule's options as its factory receives them: `Config.defense_options()`
+        (protocol quirks, SPMC flags, --defense-opt) coerced by the registry."""
+        from spmc_jax.aggregators import REGISTRY
+        from spmc_jax.registry import coerce_options
+
+        spec = REGISTRY.get(self.cfg.defense)
+        return coerce_options("defense", self.cfg.defense, spec.factory, self.cfg.defense_options())
 
     def _device_data(self) -> SimData:
         cfg, plan, ds = self.cfg, self.plan, self.ds

@@ -92,6 +92,10 @@ class Flattener:
             offset += self.sizes[i]
         return tuple(out)
 
+    def reference_order(self, model: str, params_only: bool = False) -> np.ndarray:
+        """Flat coordinates in the reference's PyTorch order and layout (see `reference_order`)."""
+        return reference_order(self.layout, model, params_only)
+
     def ravel(self, variables: PyTree) -> jax.Array:
         leaves = jax.tree_util.tree_leaves(variables)
         return jnp.concatenate([jnp.ravel(leaves[i]).astype(jnp.float32) for i in self.order])
@@ -103,3 +107,112 @@ class Flattener:
             leaves[i] = flat[offset : offset + self.sizes[i]].reshape(self.shapes[i])
             offset += self.sizes[i]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+# PyTorch module of the reference (`RF/Backbones/*.py`) for each flax module path, in the
+# order the reference registers them (= its state_dict / parameters() order). Leaves per
+# module in torch order: conv/linear (weight, bias), BatchNorm (weight, bias, running_mean,
+# running_var); flax names (kernel, bias) / (scale, bias, mean, var).
+def _resnet10_modules() -> tuple[tuple[str, str], ...]:
+    mods = [("stem", "conv1"), ("stem_bn", "bn1")]
+    for i in range(1, 5):
+        for ours, theirs in (
+            ("conv1", "conv1"),
+            ("bn1", "bn1"),
+            ("conv2", "conv2"),
+            ("bn2", "bn2"),
+            ("shortcut_conv", "shortcut.0"),
+            ("shortcut_bn", "shortcut.1"),
+        ):
+            mods.append((f"layer{i}/{ours}", f"layer{i}.0.{theirs}"))
+    mods.append(("linear", "linear"))
+    return tuple(mods)
+
+
+REFERENCE_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "simple_cnn": (
+        ("conv1", "feats.conv1"),
+        ("conv2", "feats.conv2"),
+        ("fc1", "feats.fc1"),
+        ("fc2", "feats.fc2"),
+        ("l1", "l1"),
+        ("l2", "l2"),
+        ("cls", "cls"),
+    ),
+    "resnet10": _resnet10_modules(),
+}
+# (flax collection, flax leaf name, torch leaf name), in torch order within a module.
+_TORCH_LEAVES = (
+    ("params", "kernel", "weight"),
+    ("params", "scale", "weight"),
+    ("params", "bias", "bias"),
+    ("batch_stats", "mean", "running_mean"),
+    ("batch_stats", "var", "running_var"),
+)
+
+
+def _leaf_path(name: str) -> tuple[str, ...]:
+    """ "['params']['layer1']['conv1']['kernel']" -> ("params", "layer1", "conv1", "kernel")."""
+    return tuple(part.strip("'\"") for part in name.strip("[]").split("]["))
+
+
+def _reference_entries(
+    layout: tuple[LeafInfo, ...], model: str, params_only: bool
+) -> list[tuple[str, np.ndarray]]:
+    if model not in REFERENCE_MODULES:
+        raise ValueError(
+            f"model {model!r} has no reference (PyTorch) counterpart; accepted: "
+            f"{', '.join(REFERENCE_MODULES)}"
+        )
+    by_path = {_leaf_path(leaf.name): leaf for leaf in layout}
+    used: set[tuple[str, ...]] = set()
+    out: list[tuple[str, np.ndarray]] = []
+    for ours, theirs in REFERENCE_MODULES[model]:
+        module = tuple(ours.split("/"))
+        for coll, flax_leaf, torch_leaf in _TORCH_LEAVES:
+            path = (coll, *module, flax_leaf)
+            leaf = by_path.get(path)
+            if leaf is None or (params_only and coll != "params"):
+                continue
+            idx = np.arange(leaf.start, leaf.stop).reshape(leaf.shape)
+            if len(leaf.shape) == 4:  # conv HWIO -> OIHW
+                idx = idx.transpose(3, 2, 0, 1)
+            elif len(leaf.shape) == 2:  # dense in×out -> out×in
+                idx = idx.T
+            out.append((f"{theirs}.{torch_leaf}", idx))
+            used.add(path)
+    expected = {p for p in by_path if not params_only or p[0] == "params"}
+    if used != expected:
+        missing = sorted("/".join(p) for p in expected - used)
+        raise ValueError(f"layout does not match model {model!r}: unmapped tensors {missing}")
+    return out
+
+
+def reference_order(
+    layout: tuple[LeafInfo, ...], model: str, params_only: bool = False
+) -> np.ndarray:
+    """The reference's flattening of a model, as indices into our flat vector.
+
+    `flat[reference_order(layout, model)]` is the PyTorch `state_dict()` of the reference
+    model flattened entry by entry (`torch.cat([t.flatten() for t in sd.values()])`), in
+    its order and layouts: conv weights OIHW (ours HWIO), linear weights out×in (ours
+    in×out). Entries we do not have are left out: ResNet-10's duplicate aliases
+    (`_features.*`, `cls.*`, spmc_reference.md §1.3) and the integer `num_batches_tracked`.
+    `params_only=True` gives `parameters()` order (no running statistics): the reference's
+    "param-flat" vectors (FoolsGold, RLR, RSA).
+
+    A static permutation (numpy, built once per model); works for any width or class count.
+
+    Raises:
+      ValueError: `model` has no reference counterpart (accepted: simple_cnn, resnet10),
+        or the layout does not match that model.
+    """
+    entries = _reference_entries(layout, model, params_only)
+    return np.concatenate([idx.ravel() for _, idx in entries]).astype(np.int64)
+
+
+def reference_names(
+    layout: tuple[LeafInfo, ...], model: str, params_only: bool = False
+) -> tuple[str, ...]:
+    """The PyTorch state_dict keys of `reference_order`'s entries, in order."""
+    return tuple(name for name, _ in _reference_entries(layout, model, params_only))

@@ -576,6 +576,7 @@ def run_cell(
         "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
         "r_trigger": sim.r_trigger,
         "conv_impl": sim.conv_impl,
+        "defense_options_received": sim.defense_opts,  # what the rule was built with
         "data": {
             "name": plan.dataset,
             "source": plan.dataset_source,

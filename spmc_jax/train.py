@@ -840,6 +840,8 @@ def execute(
         "plan": plan_d,
         "conv_impl": sim.conv_impl,
         "r_trigger": sim.r_trigger,
+        # What the rule's factory actually received (config's intent: config.derived).
+        "defense_options_received": sim.defense_opts,
         "last5": final,
         "learned": final["learned"],
         "resumed_from_round": done if meta is not None else None,

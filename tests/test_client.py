@@ -103,10 +103,11 @@ def test_optimizer_matches_pytorch_sgd_formula():
 
 
 def test_spmc_step_with_teacher_equal_to_student_projects_nothing():
-    # spmc_reference.md §3.3: at the first step of round 0 (student = teacher) G_g = 0, the
-    # cosine is NaN, nothing is projected: the SPMC step must be the plain SGD step, bit for
-    # bit. (Two separately compiled forward passes differ by rounding; projecting onto that
-    # noise changed 0-14 SimpleCNN tensors per step before the fix.)
+    # At the first step of round 0 (student = teacher) G_g = 0 by the equations, so nothing
+    # is projected: the SPMC step must be the plain SGD step, bit for bit. (The reference
+    # projects there on the rounding noise of its G_g, spmc_reference.md §3.3: a known,
+    # unreproducible divergence. Two separately compiled forward passes differ by rounding;
+    # projecting onto that noise changed 0-14 SimpleCNN tensors per step before the fix.)
     from spmc_jax.client import SpmcClientOptions, epoch_order, make_client_step
 
     data, variables, _ = _setup()

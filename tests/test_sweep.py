@@ -93,6 +93,12 @@ def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
             assert summary["last5"][key] == pytest.approx(np.mean([r[key] for r in mine]))
         assert summary["rows"] == 2
         assert summary["timing"]["backend_compile_s"] > 0  # the compile meter saw compiles
+        # The options the cell's rule was built with (FedAvg: none; SPMC: its flags).
+        received = summary["defense_options_received"]
+        if summary["defense"] == "spmc":
+            assert received == {"temperature": 1.0, "space": "weights", "server_weighting": True}
+        else:
+            assert received == {}
 
 
 def _parse_cell(cell: str) -> list[float]:

@@ -110,6 +110,10 @@ class AggregatorEnv:
         layer-wise rules; () when unknown (rules that need it must say so).
       output_layer: flax module name of the classifier layer ("cls", "linear", "out"), whose
         tensors are the `layout` entries with `['params']['<output_layer>']` in their name.
+      reference_param_order: (num_params,) int flat coordinates of the parameters in the
+        reference's PyTorch `parameters()` order and layout (`flat.reference_order`), for
+        rules reproducing the reference's coordinate choices; None when the model has no
+        reference counterpart (mlp) or the env was built without a model.
     """
 
     n_clients: int
@@ -121,6 +125,7 @@ class AggregatorEnv:
     proxy: ProxyOps | None = None
     layout: tuple[LeafInfo, ...] = ()
     output_layer: str = ""
+    reference_param_order: np.ndarray | None = None
 
     @property
     def n_registered(self) -> int:

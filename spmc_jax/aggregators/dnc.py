@@ -116,10 +116,10 @@ def dnc(
         if reference_permutation_bug:
             perm_key = jax.random.split(ctx.key, num_iters + 1)[num_iters]
             good = good[jax.random.permutation(perm_key, n)] & valid
-        w = normalized(good.astype(jnp.float32))
+        w = normalized(good.astype(client_flat.dtype))
         # g + Σ w_i Δ_i: equals the mean of the kept models, and stays g if none is valid.
         new_global = ctx.global_flat + weighted_mean(delta, w)
-        return new_global, state, AggInfo(client_weights=w)
+        return new_global, state, AggInfo(client_weights=w.astype(jnp.float32))
 
     return Aggregator(init, aggregate)
 

@@ -19,16 +19,19 @@ optional feature-importance weighting is not used (nor by the reference). If eve
 weight is 0 (e.g. all histories identical), the rule falls back to the uniform mean of
 the valid clients (the reference would produce NaN there).
 
-State: H, (env.n_registered, d) float32, rows indexed by ctx.client_ids (zeros on
-BatchNorm coordinates). Clients seen for the first time have H = their first update.
+State: H, (env.n_registered, d) in the model's dtype (float64 under jax_enable_x64), rows
+indexed by ctx.client_ids (zeros on BatchNorm coordinates). Clients seen for the first
+time have H = their first update.
 Invalid rows (ctx.valid False) add nothing to their history, are left out of the
 similarity matrix and get weight 0.
 
 Reference bugs, as options:
   reference_first_coords: the reference passes arange(n) as the "significant features"
-    index, so similarities use only the first n coordinates of the parameter history.
-    Reproduced on the first n parameter coordinates of our flat vector (the flattening
-    order of parameters may differ from torch's, so these are not the same weights).
+    index, so similarities use only the first n coordinates of the parameter history,
+    flattened in PyTorch's `parameters()` order and layout (SimpleCNN, n = 10:
+    conv1.weight[0, 0, 0:2, :]). Reproduced on those same weights through
+    `env.reference_param_order` (`flat.reference_order`); a model without a reference
+    counterpart (mlp) uses the first n parameter coordinates of our flat vector.
   reference_permutation_bug: the reference indexes the history by position in the
     random online order: each round, history row p receives the update of a random client
     and that client gets the weight computed from row p. Reproduced with a random
@@ -98,10 +101,13 @@ def foolsgold(
         raise ValueError(f"foolsgold norm_eps={norm_eps} must be >= 0")
     param_mask = np.asarray(env.param_mask, bool)
     param_idx = np.flatnonzero(param_mask)
+    if env.reference_param_order is not None:
+        param_idx = np.asarray(env.reference_param_order)
     n_registered = env.n_registered
 
     def init(global_flat):
-        return FoolsGoldState(history=jnp.zeros((n_registered, global_flat.shape[0]), jnp.float32))
+        shape = (n_registered, global_flat.shape[0])
+        return FoolsGoldState(history=jnp.zeros(shape, global_flat.dtype))
 
     def aggregate(client_flat, state, ctx):
         n = client_flat.shape[0]
@@ -125,9 +131,10 @@ def foolsgold(
         if reference_permutation_bug:
             a = jnp.zeros_like(a).at[perm].set(a)
         a = jnp.where(jnp.sum(a) > 0, a, valid.astype(a.dtype))  # all zero: uniform fallback
-        w = normalized(a).astype(jnp.float32)
+        w = normalized(a)
         new_global = ctx.global_flat + weighted_mean(client_flat - ctx.global_flat[None, :], w)
-        return new_global, FoolsGoldState(history=history), AggInfo(client_weights=w)
+        info = AggInfo(client_weights=w.astype(jnp.float32))
+        return new_global, FoolsGoldState(history=history), info
 
     return Aggregator(init, aggregate)
 

@@ -59,7 +59,7 @@ def rlr(
         sizes = ctx.n_samples if data_weighted else jnp.ones_like(ctx.n_samples)
         if reference_permutation_bug:
             sizes = sizes[jax.random.permutation(ctx.key, n)]
-        alphas = normalized(jnp.where(valid, sizes, 0.0).astype(jnp.float32))
+        alphas = normalized(jnp.where(valid, sizes, 0.0).astype(client_flat.dtype))
         votes = jnp.abs(jnp.sum(jnp.sign(delta), axis=0))
         eta = jnp.where(votes >= threshold, server_lr, -server_lr)
         avg = alphas @ delta
@@ -74,7 +74,8 @@ register(
     AggregatorSpec(
         "rlr",
         rlr,
-        "RLR (AAAI'21): flip the server learning rate on parameter coordinates where fewer "
-        "than `threshold` client update signs agree; data-weighted mean",
+        "RLR (AAAI'21): flip the server learning rate on parameter coordinates where the net "
+        "sign vote |sum sign(delta_i)| < threshold (n=10, 4: unless 7 of 10 agree); "
+        "data-weighted mean",
     )
 )

@@ -4,22 +4,24 @@ Eq. 9, ℓ1-norm penalty).
 The server takes one step on its ℓ1-regularised objective, on the parameter coordinates P
 (env.param_mask):
 
-    S    = clip(Σ_i sign(g − w_i), −c, c)              (c = `clip` = 3)
+    S    = Σ_i sign(g − w_i)                            (optionally clipped to [−c, c])
     g'_P = g_P − α · (λ · S_P + ρ · g_P)               (α = `alpha` = 0.05, λ = `l1_lambda` = 0.1,
                                                          ρ = `weight_lambda` = 0.001)
 
-i.e. sign votes plus the gradient of the server's regulariser (ρ/2)‖g‖²; each coordinate
-moves by at most α·λ·c = 0.015 per round (plus the tiny decay). Hyperparameters are the
-reference's retuned values (`RF/Server/RSA.py`). The paper has no clipping; c = inf
-disables it. BatchNorm statistics (not optimised by RSA) take the uniform mean of the
-valid clients' statistics.
+i.e. sign votes plus the gradient of the server's regulariser (ρ/2)‖g‖². Hyperparameters
+are the reference's retuned values (`RF/Server/RSA.py`). The paper has no clipping, so the
+default is c = `clip` = inf; `clip=3` bounds each coordinate's move to α·λ·c = 0.015 per
+round (plus the tiny decay), as the reference does. BatchNorm statistics (not optimised
+by RSA) take the uniform mean of the valid clients' statistics.
 
 Invalid rows (ctx.valid False) arrive equal to g and so cast no sign vote.
 
-Reference quirks, as options:
+Reference quirks, as options (`--protocol paper` sets them with clip=3):
   reference_sequential_clip: the reference clips after each addition,
-    S ← clip(S + sign(g − w_i), −c, c) over clients in their (random) order; ours clips
-    the sum once (order independent). Reproduced in row order with a scan.
+    S ← clip(S + sign(g − w_i), −c, c), over the clients in its online order, a fresh
+    random permutation every round (spmc_reference.md §1.5). Reproduced with a scan over
+    a permutation drawn from ctx.key (in row order 0..n−1 the attackers, the last ids,
+    would always vote last, which favours them).
   reference_frozen_buffers: the reference writes only parameters, so the global
     BatchNorm statistics never change (stay at their initial values).
 
@@ -54,7 +56,7 @@ def rsa(
     alpha: float = 0.05,
     l1_lambda: float = 0.1,
     weight_lambda: float = 0.001,
-    clip: float = 3.0,
+    clip: float = math.inf,
     reference_sequential_clip: bool = False,
     reference_frozen_buffers: bool = False,
 ) -> Aggregator:
@@ -75,7 +77,8 @@ def rsa(
             def add(s, sign_i):
                 return jnp.clip(s + sign_i, -clip, clip), None
 
-            s, _ = jax.lax.scan(add, jnp.zeros_like(g), signs)
+            order = jax.random.permutation(ctx.key, signs.shape[0])
+            s, _ = jax.lax.scan(add, jnp.zeros_like(g), signs[order])
         else:
             s = jnp.sum(signs, axis=0)
             if not math.isinf(clip):
@@ -97,7 +100,7 @@ register(
     AggregatorSpec(
         "rsa",
         rsa,
-        "RSA (AAAI'19): l1-penalised sign step g -= alpha*(l1_lambda*clip(sum sign(g-w_i), +-3) "
-        "+ weight_lambda*g) on parameters",
+        "RSA (AAAI'19): l1-penalised sign step g -= alpha*(l1_lambda*sum sign(g-w_i) "
+        "+ weight_lambda*g) on parameters (clip: bound the vote sum, the reference's 3)",
     )
 )

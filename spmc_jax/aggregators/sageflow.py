@@ -77,17 +77,18 @@ def sageflow(
             loss, ent = jax.lax.map(proxy.loss_entropy, client_flat, batch_size=client_chunk)
         else:
             loss, ent = jax.vmap(proxy.loss_entropy)(client_flat)
-        loss = loss.astype(jnp.float32)
-        ent = ent.astype(jnp.float32)
+        dt = client_flat.dtype
+        loss = loss.astype(dt)
+        ent = ent.astype(dt)
         q = (ent < eth) & jnp.isfinite(ent) & jnp.isfinite(loss)
-        base = ctx.n_samples.astype(jnp.float32) if data_weighted else jnp.ones((n,), jnp.float32)
+        base = ctx.n_samples.astype(dt) if data_weighted else jnp.ones((n,), dt)
         score = jnp.where(q, base / jnp.maximum(loss, 1e-12) ** delta, 0.0) + eps
         score = jnp.where(ctx.valid, score, 0.0)
         # All filtered out with eps = 0: fall back to the uniform mean of the valid clients.
-        score = jnp.where(jnp.sum(score) > 0, score, ctx.valid.astype(jnp.float32))
+        score = jnp.where(jnp.sum(score) > 0, score, ctx.valid.astype(dt))
         w = normalized(score)
         new_global = ctx.global_flat + weighted_mean(client_flat - ctx.global_flat[None, :], w)
-        return new_global, state, AggInfo(client_weights=w)
+        return new_global, state, AggInfo(client_weights=w.astype(jnp.float32))
 
     return Aggregator(init, aggregate)
 

@@ -518,7 +518,8 @@ def test_foolsgold_reference_permutation_bug():
         (3, False, {}),
         (10, True, {}),
         (10, True, {"clip": 2.0, "reference_sequential_clip": True}),
-        (3, False, {"clip": math.inf, "reference_frozen_buffers": True, "alpha": 0.5}),
+        (10, False, {"clip": 3.0}),
+        (3, False, {"reference_frozen_buffers": True, "alpha": 0.5}),
     ],
 )
 def test_rsa_matches_oracle(n, invalid, opts):
@@ -528,27 +529,37 @@ def test_rsa_matches_oracle(n, invalid, opts):
     out, _, weights = _run("rsa", _env(n), w, _ctx(g, n, valid=valid), **opts)
     kw = {
         "alpha": opts.get("alpha", 0.05),
-        "clip": opts.get("clip", 3.0),
+        "clip": opts.get("clip", math.inf),
         "sequential": opts.get("reference_sequential_clip", False),
         "frozen_buffers": opts.get("reference_frozen_buffers", False),
+        # The reference's clients vote in a random order, drawn here from the round key.
+        "order": np.asarray(jax.random.permutation(jax.random.key(0), n)),
     }
     exp, exp_w = rsa_oracle.rsa(w, g, valid, PARAM_MASK, **kw)
     _close(weights, exp_w)
     _close(out, exp)
 
 
-def test_rsa_sequential_clip_depends_on_order():
-    # Five votes +1 then five votes −1: clip-after-each-addition (c = 2) ends at 2 − 5 = −2;
-    # in the reverse order at −2 + 5 = +2. The default (clip the sum, 0) is order independent.
+def test_rsa_sequential_clip_order_comes_from_the_round_key():
+    # Five votes +1 (rows 0-4) and five −1 (rows 5-9): clip-after-each-addition (c = 2) ends
+    # at 2 − 5 = −2 in row order and at +2 in the reverse order; the clients vote in a random
+    # order drawn from the round key (the reference's online order), not in row order.
     n = 10
     g = np.zeros(D, np.float32)
     w = np.where(np.arange(n)[:, None] < 5, -1.0, 1.0) * np.ones((n, D), np.float32)
     w = w.astype(np.float32)
-    outs = [
-        _run("rsa", _env(n), x, _ctx(g, n), clip=2.0, reference_sequential_clip=True)[0]
-        for x in (w, w[::-1])
-    ]
-    assert not np.allclose(outs[0][PARAM_MASK], outs[1][PARAM_MASK])
+    outs = []
+    for seed in range(6):
+        out = _run(
+            "rsa", _env(n), w, _ctx(g, n, seed=seed), clip=2.0, reference_sequential_clip=True
+        )
+        order = np.asarray(jax.random.permutation(jax.random.key(seed), n))
+        exp, _ = rsa_oracle.rsa(
+            w, g, np.ones(n, bool), PARAM_MASK, clip=2.0, sequential=True, order=order
+        )
+        _close(out[0], exp)
+        outs.append(out[0][0])
+    assert len({round(float(v), 6) for v in outs}) > 1  # the order changes with the key
 
 
 # ----------------------------------------------------------------------------- Finetuning

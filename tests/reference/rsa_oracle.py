@@ -15,11 +15,16 @@ def rsa(
     alpha=0.05,
     l1_lambda=0.1,
     weight_lambda=0.001,
-    clip=3.0,
+    clip=np.inf,
     sequential=False,
     frozen_buffers=False,
+    order=None,
 ):
     """Return (new_global, client_weights).
+
+    The paper's sum of sign votes, optionally clipped to [−clip, clip]; `sequential` clips
+    after each client's vote, the clients voting in `order` (default 0..n−1), as the
+    reference does in its (random) online order.
 
     client_weights_i ∝ fraction of parameter coordinates where sign(w_i − g) equals
     sign(−S) (S = the clipped sign sum), uniform over valid clients if S = 0 everywhere.
@@ -28,12 +33,13 @@ def rsa(
     g = np.asarray(g, np.float64)
     n, d = W.shape
     rows = [i for i in range(n) if valid[i]]
+    voters = [i for i in (range(n) if order is None else order) if valid[i]]
     new = g.copy()
     s_all = np.zeros(d)
     for k in range(d):
         if param_mask[k]:
             s = 0.0
-            for i in rows:
+            for i in voters:
                 s += np.sign(g[k] - W[i, k])
                 if sequential:
                     s = min(max(s, -clip), clip)
