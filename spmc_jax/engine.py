@@ -551,6 +551,10 @@ class _Proxy:
     def inputs(self) -> tuple[jax.Array, jax.Array]:
         return self.sim.test_transform(self.data.proxy.x), self.data.proxy.y
 
+    def features(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        variables = self.sim.flat.unravel(flat)
+        return cast(jax.Array, self.sim.model.apply(variables, x, method="features"))
+
 
 class Simulation:
     """A compiled federation for one `Config` and dataset."""
@@ -795,7 +799,8 @@ class Simulation:
         return get_aggregator(self.cfg.defense, env, inputs_sanitized=True, **self.defense_opts)
 
     def init_state(self) -> RunState:
-        agg = self.aggregator(None)
+        # With the proxy ops bound: rules that need proxy data refuse to build without them.
+        agg = self.aggregator(self.data)
         if not self.cfg.uses_spmc_client:
             teachers, ids = jnp.zeros((1, 1), jnp.float32), jnp.full((1,), -1, jnp.int32)
         elif self.cfg.spmc_teachers == "all":
