@@ -35,10 +35,15 @@ def _softmax_trust(w: np.ndarray) -> None:
     assert (w > 0).all()  # a softmax over the 4 valid clients
 
 
+def _layer_shares(w: np.ndarray) -> None:
+    assert (w >= 0).all()  # coordinate-weighted per-layer shares (sum checked above)
+
+
 CHECKS: dict[str, tuple[dict[str, str], Callable[[np.ndarray], None]]] = {
     "bucketing": ({}, _bucketing),
     "signguard": ({}, _selection),
     "flare": ({"aux_samples": "16"}, _softmax_trust),
+    "lasa": ({}, _layer_shares),
 }
 
 
