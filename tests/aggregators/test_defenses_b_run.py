@@ -44,6 +44,7 @@ CHECKS: dict[str, tuple[dict[str, str], Callable[[np.ndarray], None]]] = {
     "signguard": ({}, _selection),
     "flare": ({"aux_samples": "16"}, _softmax_trust),
     "lasa": ({}, _layer_shares),
+    "fldetector": ({}, _selection),
 }
 
 
