@@ -45,6 +45,7 @@ CHECKS: dict[str, tuple[dict[str, str], Callable[[np.ndarray], None]]] = {
     "flare": ({"aux_samples": "16"}, _softmax_trust),
     "lasa": ({}, _layer_shares),
     "fldetector": ({}, _selection),
+    "indicator": ({"n_samples": "16", "plant_steps": "5"}, _selection),
 }
 
 
