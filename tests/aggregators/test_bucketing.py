@@ -44,7 +44,7 @@ def _median_inner(g, models, valid):
     return median_oracle.median(g, models, valid), median_oracle.median_shares(models, valid)
 
 
-@pytest.mark.parametrize(("n", "s"), [(10, 3), (7, 2), (6, 1)])
+@pytest.mark.parametrize(("n", "s"), [(10, 3), (7, 2)])
 def test_bucketing_median_matches_oracle(n, s):
     g, w = _data(n, n + s)
     valid = np.ones(n, bool)

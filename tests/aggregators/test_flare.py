@@ -42,7 +42,7 @@ def test_pairwise_mmd_matches_oracle():
     assert got[3, :3].min() > got[:3, :3].max()
 
 
-@pytest.mark.parametrize(("n", "m", "tau"), [(8, 16, 1.0), (6, 32, 0.5)])
+@pytest.mark.parametrize(("n", "m", "tau"), [(8, 16, 0.5)])
 def test_flare_matches_oracle(n, m, tau):
     rng = np.random.default_rng(n)
     g = rng.normal(size=D).astype(np.float32)

@@ -34,7 +34,7 @@ def _env(n):
     return dataclasses.replace(make_env(n, D, param_mask=mask), layout=layout)
 
 
-@pytest.mark.parametrize(("n", "sparsity"), [(10, 0.3), (7, 0.5)])
+@pytest.mark.parametrize(("n", "sparsity"), [(10, 0.3)])
 def test_lasa_matches_oracle(n, sparsity):
     rng = np.random.default_rng(n)
     g = rng.normal(size=D).astype(np.float32)

@@ -76,7 +76,7 @@ def _data(n, seed, n_bad):
     return g, (g + delta).astype(np.float32)
 
 
-@pytest.mark.parametrize(("n", "n_bad"), [(10, 3), (12, 2)])
+@pytest.mark.parametrize(("n", "n_bad"), [(10, 3)])
 def test_signguard_matches_oracle(n, n_bad):
     g, w = _data(n, n, n_bad)
     valid = np.ones(n, bool)
