@@ -551,6 +551,10 @@ class _Proxy:
     def inputs(self) -> tuple[jax.Array, jax.Array]:
         return self.sim.test_transform(self.data.proxy.x), self.data.proxy.y
 
+    def features(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        variables = self.sim.flat.unravel(flat)
+        return cast(jax.Array, self.sim.model.apply(variables, x, method="features"))
+
 
 class Simulation:
     """A compiled federation for one `Config` and dataset."""

@@ -139,3 +139,20 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
     assert abs(float(l16) - float(l32)) < 0.05 * float(l32)
     with pytest.raises(ValueError, match="accepted"):
         get_model("simple_cnn", compute_dtype="float16")
+
+
+@pytest.mark.parametrize(("name", "layer"), [("mlp", "out"), ("simple_cnn", "cls")])
+def test_features_are_the_classifier_input(name, layer):
+    """`features` (FLARE's penultimate-layer representation) fed to the classifier layer
+    reproduces the logits: logits = features @ kernel + bias (float32 rounding, 1e-5)."""
+    model = get_model(name, 10)
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    @jax.jit  # one compilation instead of one per eager op
+    def both(v):
+        return model.apply(v, x, method="features"), model.apply(v, x, train=False)
+
+    feats, logits = both(variables)
+    cls = variables["params"][layer]
+    np.testing.assert_allclose(feats @ cls["kernel"] + cls["bias"], logits, atol=1e-5)

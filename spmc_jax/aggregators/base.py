@@ -90,6 +90,11 @@ class ProxyOps(Protocol):
         """The proxy set as normalised model inputs (P, H, W, C) float32 and labels (P,)."""
         ...
 
+    def features(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        """Eval-mode penultimate-layer representation (B, h) of model `flat` on inputs x
+        (the classifier layer's input: `logits = features @ W + b`)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class AggregatorEnv:

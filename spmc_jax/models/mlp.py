@@ -16,7 +16,12 @@ class MLP(nn.Module):
     conv_impl: str = "lax"  # accepted for a uniform constructor; unused
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, penultimate: bool = False) -> jax.Array:
         del train
         x = x.reshape(x.shape[0], -1)
-        return Dense(self.num_classes, name="out")(nn.relu(Dense(self.hidden, name="hidden")(x)))
+        h = nn.relu(Dense(self.hidden, name="hidden")(x))
+        return h if penultimate else Dense(self.num_classes, name="out")(h)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Penultimate-layer representation (B, hidden): the input of the classifier layer."""
+        return self(x, train=False, penultimate=True)

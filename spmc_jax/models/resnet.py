@@ -61,11 +61,16 @@ class ResNet10(nn.Module):
     width: int = 64
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, penultimate: bool = False) -> jax.Array:
         w = self.width
         x = Conv(w, 3, 1, 1, use_bias=False, impl=self.conv_impl, name="stem")(x)
         x = nn.relu(_bn(train, "stem_bn")(x))
         for i, (f, s) in enumerate(((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2))):
             x = BasicBlock(f, s, self.conv_impl, name=f"layer{i + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return Dense(self.num_classes, name="linear")(x)
+        return x if penultimate else Dense(self.num_classes, name="linear")(x)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Penultimate-layer representation (B, 8·width): the pooled input of the classifier
+        (eval mode: BatchNorm on running statistics)."""
+        return self(x, train=False, penultimate=True)

@@ -20,7 +20,7 @@ class SimpleCNN(nn.Module):
     conv_impl: str = "lax"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, penultimate: bool = False) -> jax.Array:
         del train  # no dropout / BatchNorm
         x = max_pool(nn.relu(Conv(6, 5, impl=self.conv_impl, name="conv1")(x)))
         x = max_pool(nn.relu(Conv(16, 5, impl=self.conv_impl, name="conv2")(x)))
@@ -29,4 +29,8 @@ class SimpleCNN(nn.Module):
         x = nn.relu(Dense(84, name="fc2")(x))
         x = nn.relu(Dense(84, name="l1")(x))
         x = Dense(256, name="l2")(x)
-        return Dense(self.num_classes, name="cls")(x)
+        return x if penultimate else Dense(self.num_classes, name="cls")(x)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Penultimate-layer representation (B, 256): the input of the classifier layer."""
+        return self(x, train=False, penultimate=True)
