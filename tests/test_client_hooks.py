@@ -26,19 +26,8 @@ from spmc_jax.data.pipeline import make_train_transform
 from spmc_jax.data.types import MEAN, STD
 from spmc_jax.engine import run
 from spmc_jax.models import get_model
+from tests.client_runs import TINY, plain_fedavg
 from tests.reference import client_hooks_oracle as oracle
-
-TINY = dict(
-    clients=4,
-    rounds=2,
-    local_epochs=1,
-    batch_size=16,
-    gamma=0.25,
-    eval_batch=300,
-    model="mlp",
-    subsample=400,
-    partition="iid",
-)
 
 
 def _flat_global(cfg, ds):
@@ -49,10 +38,7 @@ def _flat_global(cfg, ds):
 @pytest.fixture(scope="module")
 def plain_run(blobs):
     """(initial model, global model after 2 plain FedAvg rounds), shared by the run tests."""
-    cfg = Config(defense="fedavg", **TINY)
-    flat, res = _flat_global(cfg, blobs)
-    assert res.sim.hooks == ()  # no option switched on: no hook at all
-    return np.asarray(res.sim.init_flat, np.float64), flat
+    return plain_fedavg(blobs)
 
 
 # ----------------------------------------------------------------------- the extension point
@@ -60,7 +46,7 @@ def test_identity_hooks_leave_the_run_bit_identical(blobs, plain_run, monkeypatc
     """A hook with a state, a server update, a gradient and a rows transform that all return
     their input must not move a single bit: the hook plumbing adds no randomness, no
     reordering and no extra rounding."""
-    cfg = Config(defense="fedavg", **TINY)
+    cfg = Config(**TINY)
     plain = plain_run[1]
     seen = {}
 
@@ -148,7 +134,7 @@ def test_fedprox_run_pulls_clients_toward_the_global_model(blobs, plain_run):
     """2 rounds through `run`: a strong μ shrinks the global model's total movement (every
     client's drift is bounded by the proximal pull)."""
     g0, plain = plain_run
-    prox, _ = _flat_global(Config(defense="fedavg", **TINY).replace(fedprox_mu=20.0), blobs)
+    prox, _ = _flat_global(Config(**TINY).replace(fedprox_mu=20.0), blobs)
     move_plain, move_prox = np.linalg.norm(plain - g0), np.linalg.norm(prox - g0)
     assert move_prox < 0.8 * move_plain, (move_prox, move_plain)
 
@@ -210,9 +196,7 @@ def test_client_dp_run_clips_and_noises_the_updates(blobs, plain_run):
     clipped part (norm <= 2C, i.e. ~2C/√d per coordinate) and sampling (~1/√d)."""
     g0, plain = plain_run
     clip, sigma = 1e-3, 1.0
-    cfg = Config(defense="fedavg", **TINY).replace(
-        client_dp_clip=clip, client_dp_sigma=sigma, client_dp_all=True
-    )
+    cfg = Config(**TINY).replace(client_dp_clip=clip, client_dp_sigma=sigma, client_dp_all=True)
     dp, _ = _flat_global(cfg, blobs)
     move = dp - g0
     d = move.size

@@ -39,7 +39,7 @@ def split_names(expr: str) -> list[str]:
         REGISTRY.get(n)
         out.append(n)
     kinds = [REGISTRY.get(n).kind for n in out]
-    if kinds.count("data") > 1:
+    if kinds.count("data") + kinds.count("client_data") > 1:
         raise ValueError(f"at most one data attack may be composed, got {expr!r}")
     return out
 

@@ -114,7 +114,9 @@ class AttackSpec:
     """Registry entry: `factory(env, **options)` -> DataAttack | ModelAttack."""
 
     name: str
-    kind: str  # "data", "model", or "client" (factory returns a client.ClientHook)
+    # "data", "model", "client" (a training-time attack: the factory returns a
+    # client.ClientHook) or "client_data" (a DataAttack whose trigger is a hook's state)
+    kind: str
     factory: Callable[..., Any]
     summary: str
     paper: str = ""
