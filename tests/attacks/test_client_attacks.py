@@ -14,7 +14,7 @@ from spmc_jax.client import ClientHook, GradContext, ModelOps, ServerContext
 from spmc_jax.config import Config
 from spmc_jax.engine import run
 from spmc_jax.flat import Flattener
-from tests.client_runs import TINY
+from tests.client_runs import TINY, plain_fedavg
 from tests.reference import client_hooks_oracle as oracle
 
 CLIENT_ATTACKS = [n for n, s in REGISTRY.items() if s.kind == "client"]
@@ -101,7 +101,101 @@ def test_neurotoxin_run_changes_numbers_and_tracks_the_global_update(blobs):
     prev, mask = (np.asarray(a) for a in res.state.hooks[0])
     pm = res.sim.flat.param_mask
     np.testing.assert_array_equal(mask[pm], oracle.neurotoxin_mask(g0[pm], prev[pm], 0.3))
-    plain = run(cfg.replace(attack="base", attack_opts=()), blobs)
-    assert not np.array_equal(
-        np.asarray(plain.state.global_flat), np.asarray(res.state.global_flat)
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ---------------------------------------------------------------------------------- A3FL
+def _linear_env(seed=0):
+    """A linear softmax 'model' on 32x32x3 inputs, for the trigger-search oracles."""
+    rng = np.random.RandomState(seed)
+    w = jnp.asarray(rng.randn(32 * 32 * 3, 10).astype(np.float32) * 0.05)
+    b = jnp.asarray(rng.randn(10).astype(np.float32) * 0.1)
+    variables = {"params": {"b": b, "w": w}}
+    flat = Flattener.build(variables)
+
+    def logits(v, x):
+        return x.reshape(x.shape[0], -1) @ v["params"]["w"] + v["params"]["b"]
+
+    env = AttackEnv(
+        (32, 32, 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), num_classes=10, model=ModelOps(flat, logits)
     )
+    x = jnp.asarray(rng.randn(16, 32, 32, 3).astype(np.float32))
+    y = jnp.asarray(rng.randint(0, 10, 16).astype(np.int32))
+    return env, flat.ravel(variables), variables, x, y
+
+
+def test_a3fl_trigger_search_matches_oracle():
+    env, g, variables, x, y = _linear_env()
+    attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
+    hook = attack.hook
+    p0 = hook.init(g)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    got = np.asarray(jax.jit(hook.server)(p0, ctx))
+    mask = np.zeros((32, 32, 3), bool)
+    mask[:4, :4] = True
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    want, smallest = oracle.a3fl_linear_trigger(
+        np.asarray(x),
+        mask,
+        np.asarray(p0),
+        np.asarray(variables["params"]["w"], np.float64),
+        np.asarray(variables["params"]["b"], np.float64),
+        2,
+        0.1,
+        4,
+        lo,
+        hi,
+    )
+    assert smallest > 1e-6  # every sign well defined in float32
+    # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, np.asarray(p0))
+    np.testing.assert_array_equal(got[~mask], 0.0)  # nothing outside the patch
+    # Outside the attack window the trigger is kept.
+    off = jax.jit(hook.server)(p0, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(p0))
+
+
+def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
+    env, g, _, x, y = _linear_env(1)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    plain = get_attack("a3fl", env, steps=3, adv_steps=0).hook
+    adv = get_attack("a3fl", env, steps=3, adv_steps=3, adv_lr=5.0).hook
+    a = np.asarray(plain.server(plain.init(g), ctx))
+    b = np.asarray(adv.server(adv.init(g), ctx))
+    assert not np.array_equal(a, b)
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    assert np.all(b >= lo - 1e-6) and np.all(b <= hi + 1e-6)
+
+
+def test_a3fl_stamps_only_flagged_samples_with_the_state():
+    env, _, _, x, y = _linear_env()
+    attack = get_attack("a3fl", env, size=3)
+    pattern = jnp.full((32, 32, 3), 7.0)
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), pattern)
+    xo, yo = np.asarray(xo), np.asarray(yo)
+    np.testing.assert_array_equal(xo[1::2], np.asarray(x)[1::2])
+    np.testing.assert_array_equal(yo[1::2], np.asarray(y)[1::2])
+    assert np.all(xo[::2, :3, :3] == 7.0) and np.all(yo[::2] == 2)
+    np.testing.assert_array_equal(xo[::2, 3:], np.asarray(x)[::2, 3:])
+    xt, yt = attack.test(x, y, pattern)
+    assert np.all(np.asarray(xt)[:, :3, :3] == 7.0) and np.all(np.asarray(yt) == 2)
+
+
+def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
+    """2 rounds of a3fl through `run`: the trigger state moved off its white-patch start,
+    stayed inside the patch, and R is measured with it (a finite number differing from the
+    static-trigger run's)."""
+    cfg = Config(**{**TINY, "attack": "a3fl"})
+    res = run(cfg, blobs)
+    sim = res.sim
+    pattern = np.asarray(res.state.hooks[0])
+    start = np.asarray(sim.data_attack.hook.init(sim.init_flat))
+    assert not np.array_equal(pattern, start)
+    np.testing.assert_array_equal(pattern[5:], 0.0)
+    assert sim.r_trigger == "attack"
+    assert res.history[-1]["R"] is not None
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
