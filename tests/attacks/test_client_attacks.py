@@ -199,3 +199,53 @@ def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
     assert sim.r_trigger == "attack"
     assert res.history[-1]["R"] is not None
     assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ----------------------------------------------------------------------------------- IBA
+def test_iba_trigger_matches_oracle_and_is_bounded():
+    env, _, _, x, y = _linear_env(2)
+    attack = get_attack("iba", env, eps=0.1, hidden=4)
+    gen = attack.hook.init(None)
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
+    xo, x_np = np.asarray(xo, np.float64), np.asarray(x, np.float64)
+    want = oracle.iba_trigger(jax.tree.map(np.asarray, gen), x_np, 0.1, np.array(env.std))
+    # float32 convolutions of O(1) values over 9·C terms: 1e-5 absolute after tanh.
+    np.testing.assert_allclose(xo[::2] - x_np[::2], want[::2], atol=1e-5)
+    np.testing.assert_array_equal(xo[1::2], x_np[1::2])
+    np.testing.assert_array_equal(np.asarray(yo)[1::2], np.asarray(y)[1::2])
+    assert np.all(np.asarray(yo)[::2] == 2)
+    # |T(x)| <= eps in pixel units (times std back from normalised units).
+    assert np.all(np.abs((xo - x_np) * np.array(env.std)) <= 0.1 + 1e-6)
+
+
+def test_iba_generator_step_lowers_the_target_loss():
+    env, g, variables, x, y = _linear_env(3)
+    attack = get_attack("iba", env, gen_steps=5, gen_lr=0.5)
+    hook = attack.hook
+    gen0 = hook.init(g)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    gen1 = jax.jit(hook.server)(gen0, ctx)
+
+    def target_loss(gen):
+        xt, _ = attack.test(x, y, gen)
+        logits = env.model.logits(variables, xt)
+        return float(-jnp.mean(jax.nn.log_softmax(logits)[:, 2]))
+
+    assert target_loss(gen1) < target_loss(gen0)
+    off = jax.jit(hook.server)(gen0, ctx._replace(attack_on=jnp.asarray(False)))
+    for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(gen0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_iba_run_trains_the_generator(blobs):
+    cfg = Config(**{**TINY, "attack": "iba"})
+    res = run(cfg, blobs)
+    gen0 = res.sim.data_attack.hook.init(None)
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(res.state.hooks[0]), jax.tree.leaves(gen0), strict=True)
+    ]
+    assert all(moved)
+    assert res.history[-1]["R"] is not None and res.sim.r_trigger == "attack"
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))

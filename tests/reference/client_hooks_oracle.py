@@ -81,3 +81,21 @@ def a3fl_linear_trigger(
         smallest = min(smallest, float(np.min(np.abs(g[mask]))))
         p = np.where(mask, np.clip(p - alpha * np.sign(g), lo, hi), p)
     return p, smallest
+
+
+def conv3x3_same(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """'SAME' 3x3 cross-correlation (NHWC, HWIO) by summing the 9 shifted products."""
+    x = np.asarray(x, np.float64)
+    n, h, wd, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, wd, w.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += xp[:, i : i + h, j : j + wd, :] @ np.asarray(w[i, j], np.float64)
+    return out + b
+
+
+def iba_trigger(params: dict, x: np.ndarray, eps: float, std: np.ndarray) -> np.ndarray:
+    """IBA (Nguyen et al. 2023): T(x) = ε·tanh(conv(ReLU(conv(x))))/std, float64."""
+    h = np.maximum(conv3x3_same(x, params["w1"], params["b1"]), 0.0)
+    return eps * np.tanh(conv3x3_same(h, params["w2"], params["b2"])) / np.asarray(std)
