@@ -24,7 +24,7 @@ from spmc_jax.client_hooks.fedprox import fedprox, prox_gradient
 from spmc_jax.config import Config
 from spmc_jax.data.pipeline import make_train_transform
 from spmc_jax.data.types import MEAN, STD
-from spmc_jax.engine import run
+from spmc_jax.engine import Simulation, run
 from spmc_jax.models import get_model
 from tests.client_runs import TINY, plain_fedavg
 from tests.reference import client_hooks_oracle as oracle
@@ -221,3 +221,33 @@ def test_client_dp_run_clips_and_noises_the_updates(blobs, plain_run):
 def test_bad_client_options_are_rejected(kw, match):
     with pytest.raises(ValueError, match=match):
         Config(**kw).validate()
+
+
+def test_hook_state_checkpoints_and_resumes(blobs, tmp_path):
+    """A run whose hook carries state (A3FL's trigger) resumes from a checkpoint with the
+    uninterrupted run's numbers; resuming with the state reset does not (the state matters)."""
+    from spmc_jax.checkpoint import Checkpointer
+
+    cfg = Config(**{**TINY, "attack": "a3fl", "rounds": 3})
+    sim = Simulation(cfg, blobs)
+    straight = run(cfg, blobs, sim=sim)
+    with Checkpointer(tmp_path / "ck") as ck:
+
+        def save(state, done):
+            if done == 2:
+                ck.save(state, done, cfg.to_dict())
+
+        run(cfg.replace(rounds=2), blobs, sim=sim, on_checkpoint=save)
+    with Checkpointer(tmp_path / "ck") as ck:
+        state, _ = ck.restore(sim.init_state())
+    resumed = run(cfg, blobs, sim=sim, state=state, start_round=2, history=straight.history[:2])
+    np.testing.assert_array_equal(
+        np.asarray(resumed.state.hooks[0]), np.asarray(straight.state.hooks[0])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(resumed.state.global_flat), np.asarray(straight.state.global_flat)
+    )
+    assert resumed.history[-1]["R"] == straight.history[-1]["R"]
+    broken = state._replace(hooks=sim.init_state().hooks)
+    bad = run(cfg, blobs, sim=sim, state=broken, start_round=2)
+    assert not np.array_equal(np.asarray(bad.state.hooks[0]), np.asarray(straight.state.hooks[0]))
