@@ -249,3 +249,64 @@ def test_iba_run_trains_the_generator(blobs):
     assert all(moved)
     assert res.history[-1]["R"] is not None and res.sim.r_trigger == "attack"
     assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ------------------------------------------------------------------------------ alter_min
+def test_alter_min_matches_oracle():
+    env, flat = _toy_env()
+    env = AttackEnv(
+        env.image_shape,
+        env.mean,
+        env.std,
+        num_malicious=1,
+        n_clients=4,
+        param_mask=env.param_mask,
+        model=env.model,
+    )
+    hook = get_attack("alter_min", env, rho=0.3)
+    rng = np.random.RandomState(5)
+    g0, g1 = (jnp.asarray(rng.randn(flat.dim).astype(np.float32)) for _ in range(2))
+    state = hook.server(hook.init(g0), _server_ctx(g1))
+    est = np.asarray(g1, np.float64) - np.asarray(g0)
+    np.testing.assert_allclose(np.asarray(state[1]), est, atol=1e-6)
+    # Rows: boosting by n/m = 4 on the 17 parameter columns of the malicious rows only.
+    W = jnp.asarray(rng.randn(4, flat.dim).astype(np.float32))
+    mal = np.array([False, True, False, True])
+    from spmc_jax.client import RowsContext
+
+    ctx = RowsContext(g1, jnp.asarray(mal), jnp.asarray(True), jax.random.key(0), state)
+    out = np.asarray(hook.rows(W, ctx))
+    want = oracle.alter_min_rows(np.asarray(W)[:, :17], np.asarray(g1)[:17], est[:17], mal, 4.0)
+    # float32 products of O(1) values boosted x4: 1e-5 absolute.
+    np.testing.assert_allclose(out[:, :17], want, atol=1e-5)
+    np.testing.assert_array_equal(out[:, 17:], np.asarray(W)[:, 17:])  # BN-like columns
+    np.testing.assert_array_equal(out[~mal], np.asarray(W)[~mal])
+    off = hook.rows(W, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(W))
+    # Gradient: + 2ρ(w − w_g − δ̂) for an attacker in the window, untouched otherwise.
+    params = flat.unravel(g1 + 0.5)["params"]
+    gparams = flat.unravel(g1)["params"]
+    grad = {"a": jnp.ones((3, 4)), "b": jnp.ones((5,))}
+    for mal_c, on, expect in ((True, True, True), (False, True, False), (True, False, False)):
+        gc = GradContext(
+            params, gparams, jnp.asarray(mal_c), jnp.asarray(on), jax.random.key(0), state
+        )
+        got = hook.grad(grad, gc)
+        e = flat.unravel(jnp.asarray(est, jnp.float32))["params"]
+        for k in ("a", "b"):
+            want_k = (
+                oracle.alter_min_grad(
+                    1.0, np.asarray(params[k]), np.asarray(gparams[k]), np.asarray(e[k]), 0.3
+                )
+                if expect
+                else np.ones_like(np.asarray(grad[k]))
+            )
+            np.testing.assert_allclose(np.asarray(got[k]), want_k, atol=1e-5)
+
+
+def test_alter_min_run_changes_numbers(blobs):
+    cfg = Config(**{**TINY, "attack": "base+alter_min"})
+    res = run(cfg, blobs)
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+    g1_est = np.asarray(res.state.hooks[0][1])
+    assert np.any(g1_est != 0)  # round 1 saw round 0's global update

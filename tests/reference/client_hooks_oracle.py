@@ -99,3 +99,19 @@ def iba_trigger(params: dict, x: np.ndarray, eps: float, std: np.ndarray) -> np.
     """IBA (Nguyen et al. 2023): T(x) = ε·tanh(conv(ReLU(conv(x))))/std, float64."""
     h = np.maximum(conv3x3_same(x, params["w1"], params["b1"]), 0.0)
     return eps * np.tanh(conv3x3_same(h, params["w2"], params["b2"])) / np.asarray(std)
+
+
+def alter_min_rows(
+    W: np.ndarray, g: np.ndarray, est: np.ndarray, malicious: np.ndarray, lam: float
+) -> np.ndarray:
+    """Bhagoji et al. (2019) explicit boosting around the benign estimate:
+    malicious rows g + δ̂ + λ(w − g − δ̂), benign rows unchanged, float64."""
+    W = np.asarray(W, np.float64)
+    out = W.copy()
+    out[malicious] = g + est + lam * (W[malicious] - g - est)
+    return out
+
+
+def alter_min_grad(g: np.ndarray, w: np.ndarray, w0: np.ndarray, est: np.ndarray, rho: float):
+    """∇[L + ρ‖w − w_g − δ̂‖²] = g + 2ρ(w − w_g − δ̂)."""
+    return np.asarray(g, np.float64) + 2 * rho * (np.asarray(w, np.float64) - w0 - est)
