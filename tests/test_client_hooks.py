@@ -251,3 +251,24 @@ def test_hook_state_checkpoints_and_resumes(blobs, tmp_path):
     broken = state._replace(hooks=sim.init_state().hooks)
     bad = run(cfg, blobs, sim=sim, state=broken, start_round=2)
     assert not np.array_equal(np.asarray(bad.state.hooks[0]), np.asarray(straight.state.hooks[0]))
+
+
+def test_cli_flags_reach_the_config_and_the_hooks(blobs):
+    """The CLI's client options land in Config and build the hooks the run uses."""
+    from spmc_jax.train import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [
+            *("--fedprox-mu", "0.01", "--client-dp-clip", "2", "--client-dp-sigma", "0.5"),
+            *("--client-dp-all", "--attackers-projection", "invert", "--model", "mlp"),
+            *("--attack", "base+neurotoxin", "--clients", "4", "--subsample", "400"),
+            *("--partition", "iid", "--batch-size", "16"),
+        ]
+    )
+    cfg = config_from_args(args).validate()
+    assert (cfg.fedprox_mu, cfg.client_dp_clip, cfg.client_dp_sigma) == (0.01, 2.0, 0.5)
+    assert cfg.client_dp_all and cfg.attackers_projection_mode == "invert"
+    sim = Simulation(cfg, blobs)
+    assert [h.name for h in sim.hooks] == ["neurotoxin", "fedprox", "client_dp"]
+    old = config_from_args(build_parser().parse_args(["--attackers-skip-projection"]))
+    assert old.attackers_projection_mode == "skip"
