@@ -221,7 +221,7 @@ def test_iba_trigger_matches_oracle_and_is_bounded():
 
 def test_iba_generator_step_lowers_the_target_loss():
     env, g, variables, x, y = _linear_env(3)
-    attack = get_attack("iba", env, gen_steps=5, gen_lr=0.5)
+    attack = get_attack("iba", env, gen_steps=3, gen_lr=0.5)
     hook = attack.hook
     gen0 = hook.init(g)
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
@@ -239,7 +239,9 @@ def test_iba_generator_step_lowers_the_target_loss():
 
 
 def test_iba_run_trains_the_generator(blobs):
-    cfg = Config(**{**TINY, "attack": "iba"})
+    cfg = Config(
+        **{**TINY, "attack": "iba"}, attack_opts=(("iba", "gen_steps", "2"), ("iba", "hidden", "4"))
+    )
     res = run(cfg, blobs)
     gen0 = res.sim.data_attack.hook.init(None)
     moved = [
