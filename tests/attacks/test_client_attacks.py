@@ -92,15 +92,24 @@ def test_neurotoxin_masks_only_attackers_in_the_window():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_neurotoxin_run_changes_numbers_and_tracks_the_global_update(blobs):
-    """2 rounds of base+neurotoxin: after the run the state holds g_1 and the mask of the
-    update g_1 − g_0 (the oracle's), and the attackers' masked training changed the model."""
-    cfg = Config(attack="base+neurotoxin", attack_opts=(("neurotoxin", "ratio", "0.3"),), **TINY)
+def test_neurotoxin_and_alter_min_run_change_numbers_and_track_the_global_update(blobs):
+    """2 rounds of base+neurotoxin+alter_min (one run for both, to save CI time): after the
+    run neurotoxin's state holds g_1 and the oracle's mask of the update g_1 − g_0, alter_min's
+    holds δ̂ = g_1 − g_0, and the attackers' training changed the model."""
+    cfg = Config(
+        **{**TINY, "attack": "base+neurotoxin+alter_min"},
+        attack_opts=(("neurotoxin", "ratio", "0.3"),),
+    )
     res = run(cfg, blobs)
+    assert [h.name for h in res.sim.hooks] == ["neurotoxin", "alter_min"]
     g0 = np.asarray(res.sim.init_flat)
     prev, mask = (np.asarray(a) for a in res.state.hooks[0])
     pm = res.sim.flat.param_mask
     np.testing.assert_array_equal(mask[pm], oracle.neurotoxin_mask(g0[pm], prev[pm], 0.3))
+    prev_a, est = (np.asarray(a) for a in res.state.hooks[1])
+    np.testing.assert_array_equal(prev_a, prev)
+    np.testing.assert_array_equal(est, prev - g0)  # the same float32 subtraction
+    assert np.any(est != 0)
     assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
 
 
@@ -304,11 +313,3 @@ def test_alter_min_matches_oracle():
                 else np.ones_like(np.asarray(grad[k]))
             )
             np.testing.assert_allclose(np.asarray(got[k]), want_k, atol=1e-5)
-
-
-def test_alter_min_run_changes_numbers(blobs):
-    cfg = Config(**{**TINY, "attack": "base+alter_min"})
-    res = run(cfg, blobs)
-    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
-    g1_est = np.asarray(res.state.hooks[0][1])
-    assert np.any(g1_est != 0)  # round 1 saw round 0's global update
