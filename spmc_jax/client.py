@@ -12,11 +12,21 @@ logits is (softmax(s) − onehot(y))/B; SPMC's guidance gradient w.r.t. the logi
 (softmax(s) − softmax(t))/B for the teacher logits t (soft-label CE, T = 1, §3.2). Both are
 pulled back through the same VJP, so SPMC costs one extra backward pass and one teacher
 forward pass, not a second student forward.
+
+Client hooks (`ClientHook`) are the one extension point for everything that changes what a
+client does beyond its data and SPMC: FedProx's proximal term, local DP, training-time
+attacks (Neurotoxin, A3FL, IBA). A hook may (a) transform the gradient inside the jitted
+step, (b) keep a small per-run state in `engine.RunState` that is updated once per round
+outside the client vmap, before local training (a trigger being optimised, the previous
+global model) and is read by the step and the data attack, and (c) transform the (n, d)
+matrix of trained client rows before aggregation. With no hooks every code path is the
+one without them (bit-identical numbers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -27,6 +37,8 @@ import optax
 from spmc_jax.attacks.base import DataAttack
 
 PyTree = Any
+
+SPMC_ATTACKER_MODES = ("follow", "skip", "invert")
 
 
 class ClientData(NamedTuple):
@@ -67,11 +79,171 @@ class SpmcClientOptions(NamedTuple):
     Attributes:
       lam: projection strength λ (1 = exact orthogonalisation of conflicting tensors).
       attackers_skip: malicious clients skip the projection (adaptive attacker, §5 of
-        issue 5: they control their own code).
+        issue 5: they control their own code). Same as `attackers="skip"`.
+      attackers: what malicious clients do with the projection (`SPMC_ATTACKER_MODES`):
+        'follow' it like benign clients, 'skip' it (λ = 0), or 'invert' it (λ → −λ: a
+        conflicting tensor's component along the guidance gradient G_g is doubled instead
+        of removed, G = G_d + λ·(⟨G_d, G_g⟩/‖G_g‖²)·G_g, pushing the model further from the
+        teacher, which is where the backdoor lives).
     """
 
     lam: float = 1.0
     attackers_skip: bool = False
+    attackers: str = "follow"
+
+    def attacker_lam(self) -> float:
+        """λ of a malicious client (benign clients use `lam`)."""
+        mode = "skip" if self.attackers_skip else self.attackers
+        if mode not in SPMC_ATTACKER_MODES:
+            raise ValueError(
+                f"SPMC attackers mode {mode!r}; accepted: {', '.join(SPMC_ATTACKER_MODES)}"
+            )
+        return {"follow": self.lam, "skip": 0.0, "invert": -self.lam}[mode]
+
+
+# ----------------------------------------------------------------------------- hooks
+@dataclasses.dataclass(frozen=True)
+class ModelOps:
+    """The model, for hooks that evaluate it (A3FL's trigger search, IBA's generator).
+
+    Attributes:
+      flat: the run's `Flattener` (variables <-> (d,) vector).
+      logits: `logits(variables, x) -> (B, classes)` in eval mode (BatchNorm running stats).
+    """
+
+    flat: Any
+    logits: Callable[[PyTree, jax.Array], jax.Array]
+
+
+class ServerContext(NamedTuple):
+    """What a hook's once-per-round `server` update sees (outside the client vmap).
+
+    Attributes:
+      global_flat: (d,) the round's global model (what the clients start from).
+      round: int32 round index.
+      attack_on: bool, the round is inside the attack window.
+      key: this hook's PRNG key of the round.
+      attacker_x: (B, H, W, C) normalised images from the malicious clients' data (a fixed
+        sample of their pool; empty when no hook asks for it), for attacks the colluding
+        attackers prepare together before training.
+      attacker_y: (B,) their labels.
+    """
+
+    global_flat: jax.Array
+    round: jax.Array
+    attack_on: jax.Array
+    key: jax.Array
+    attacker_x: jax.Array
+    attacker_y: jax.Array
+
+
+class GradContext(NamedTuple):
+    """What a hook's `grad` transform sees at every local step of one client.
+
+    Attributes:
+      params: the client's current parameters (pytree).
+      global_params: the round's global parameters (the client's starting point).
+      malicious: bool, this client is an attacker.
+      attack_on: bool, the round is inside the attack window.
+      key: a PRNG key for this hook, client and step.
+      state: this hook's per-run state after the round's `server` update.
+    """
+
+    params: PyTree
+    global_params: PyTree
+    malicious: jax.Array
+    attack_on: jax.Array
+    key: jax.Array
+    state: PyTree
+
+
+class RowsContext(NamedTuple):
+    """What a hook's `rows` transform sees (after model attacks, before aggregation).
+
+    Attributes:
+      global_flat: (d,) the round's global model.
+      malicious: (n,) bool over the round's participants.
+      attack_on: bool.
+      key: this hook's PRNG key of the round.
+      state: this hook's state.
+    """
+
+    global_flat: jax.Array
+    malicious: jax.Array
+    attack_on: jax.Array
+    key: jax.Array
+    state: PyTree
+
+
+class ClientHook(NamedTuple):
+    """One client-side extension; every member optional (None: not used).
+
+    Attributes:
+      name: for messages.
+      init: `init(init_flat) -> state`, the per-run state (a small pytree of arrays); None:
+        the state is `()`.
+      server: `server(state, ServerContext) -> state`, run once per round before local
+        training (the state the clients see this round).
+      grad: `grad(g, GradContext) -> g` on the parameter-gradient pytree, inside the jitted
+        step, after SPMC's projection and before the optimiser.
+      rows: `rows(W, RowsContext) -> W` on the (n, d) trained client rows, after model
+        attacks and before the server's sanitising and aggregation.
+      needs_attacker_data: the `server` update reads `ServerContext.attacker_x/y`.
+    """
+
+    name: str
+    init: Callable[[jax.Array], PyTree] | None = None
+    server: Callable[[PyTree, ServerContext], PyTree] | None = None
+    grad: Callable[[PyTree, GradContext], PyTree] | None = None
+    rows: Callable[[jax.Array, RowsContext], jax.Array] | None = None
+    needs_attacker_data: bool = False
+
+
+class HookInputs(NamedTuple):
+    """Per-round inputs of every hook of a client's local training."""
+
+    global_params: PyTree
+    states: tuple[PyTree, ...]
+
+
+def collect_hooks(
+    data_attack: DataAttack | None, hooks: Sequence[ClientHook] = ()
+) -> tuple[ClientHook, ...]:
+    """The run's hooks in state order: the data attack's own hook (if any) first."""
+    own = (data_attack.hook,) if data_attack is not None and data_attack.hook is not None else ()
+    return tuple(own) + tuple(hooks)
+
+
+def init_hook_states(hooks: Sequence[ClientHook], init_flat: jax.Array) -> tuple[PyTree, ...]:
+    """Every hook's initial state (`()` for hooks without one)."""
+    return tuple(h.init(init_flat) if h.init is not None else () for h in hooks)
+
+
+def server_update(
+    hooks: Sequence[ClientHook], states: tuple[PyTree, ...], ctx: ServerContext
+) -> tuple[PyTree, ...]:
+    """Run every hook's `server` update of the round (hook i gets key fold_in(ctx.key, i))."""
+    return tuple(
+        h.server(s, ctx._replace(key=jax.random.fold_in(ctx.key, i))) if h.server is not None else s
+        for i, (h, s) in enumerate(zip(hooks, states, strict=True))
+    )
+
+
+def apply_row_hooks(
+    hooks: Sequence[ClientHook],
+    states: tuple[PyTree, ...],
+    W: jax.Array,
+    global_flat: jax.Array,
+    malicious: jax.Array,
+    attack_on: jax.Array,
+    key: jax.Array,
+) -> jax.Array:
+    """Apply every hook's `rows` transform in order (hook i gets key fold_in(key, i))."""
+    for i, (h, s) in enumerate(zip(hooks, states, strict=True)):
+        if h.rows is not None:
+            ctx = RowsContext(global_flat, malicious, attack_on, jax.random.fold_in(key, i), s)
+            W = h.rows(W, ctx)
+    return W
 
 
 class LocalResult(NamedTuple):
@@ -104,14 +276,24 @@ def make_client_step(
     batch_size: int,
     data_attack: DataAttack | None = None,
     spmc: SpmcClientOptions | None = None,
+    hooks: Sequence[ClientHook] = (),
 ) -> Callable[..., StepResult]:
     """Build ONE local SGD step `step(variables, opt_state, teacher, data, task, attack_on,
-    perm, key, s) -> StepResult` of one client: batch `s` of the epoch order `perm`.
+    perm, key, s, hook_inputs=None) -> StepResult` of one client: batch `s` of the epoch
+    order `perm`.
 
     `make_local_train` scans it; `benchmarks/round_throughput.py` also jits it alone for its
     sequential per-step baseline (the shape of a PyTorch training loop). Arguments as in
-    `make_local_train`; `key` is the epoch's step key (per-step keys are folded from it).
+    `make_local_train`; `key` is the epoch's step key (per-step keys are folded from it);
+    `hook_inputs` (`HookInputs`) is required when `hooks` is not empty, in the order of
+    `collect_hooks(data_attack, ...)`.
     """
+    hooks = tuple(hooks)
+    own = data_attack.hook if data_attack is not None else None
+    own_pos = next((i for i, h in enumerate(hooks) if h is own), None)
+    if own is not None and own_pos is None:
+        raise ValueError("the data attack's hook must be among `hooks` (see collect_hooks)")
+    grad_hooks = [(i, h) for i, h in enumerate(hooks) if h.grad is not None]
 
     def forward(variables: PyTree, x: jax.Array):
         if "batch_stats" in variables:
@@ -129,14 +311,21 @@ def make_client_step(
         perm: jax.Array,
         key: jax.Array,
         s: jax.Array,
+        hook_inputs: HookInputs | None = None,
     ) -> StepResult:
+        if hooks and hook_inputs is None:
+            raise ValueError(f"{len(hooks)} client hook(s) need hook_inputs (HookInputs)")
         k_aug, k_att = jax.random.split(jax.random.fold_in(key, s))
         sel = task.idx[jax.lax.dynamic_slice(perm, (s * batch_size,), (batch_size,))]
         x = transform(k_aug, data.x[sel])
         y = data.y[sel]
         if data_attack is not None:
             flags = data.poison[sel] & task.malicious & attack_on
-            x, y = data_attack.apply(x, y, flags, task.rank, k_att)
+            if own_pos is None:
+                x, y = data_attack.apply(x, y, flags, task.rank, k_att)
+            else:  # a stateful trigger (A3FL, IBA) reads its hook's state
+                assert hook_inputs is not None
+                x, y = data_attack.apply(x, y, flags, task.rank, k_att, hook_inputs.states[own_pos])
 
         rest = {k: v for k, v in variables.items() if k != "params"}
 
@@ -152,7 +341,7 @@ def make_client_step(
         if spmc is not None:
             from spmc_jax.spmc import project, project_stats
 
-            lam = jnp.where(task.malicious & spmc.attackers_skip, 0.0, spmc.lam)
+            lam = jnp.where(task.malicious, spmc.attacker_lam(), spmc.lam)
             # Teacher in train mode (BatchNorm on batch statistics), never updated.
             t_logits, _ = forward(teacher, x)
             t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
@@ -176,8 +365,22 @@ def make_client_step(
             )
             delta = jnp.where(same, 0.0, probs - t_probs)
             (g_guide,) = vjp_fn(delta / batch_size)
-            n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam > 0)
+            n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam != 0)
             g = project(g, g_guide, lam)
+        if grad_hooks:
+            assert hook_inputs is not None
+            k_hook = jax.random.fold_in(k_att, 1)
+            for i, h in grad_hooks:
+                assert h.grad is not None
+                ctx = GradContext(
+                    params=variables["params"],
+                    global_params=hook_inputs.global_params,
+                    malicious=task.malicious,
+                    attack_on=attack_on,
+                    key=jax.random.fold_in(k_hook, i),
+                    state=hook_inputs.states[i],
+                )
+                g = h.grad(g, ctx)
         updates, new_opt = optimizer.update(g, opt_state, variables["params"])
         new_vars = dict(variables)
         new_vars["params"] = optax.apply_updates(variables["params"], updates)
@@ -207,8 +410,10 @@ def make_local_train(
     epochs: int,
     data_attack: DataAttack | None = None,
     spmc: SpmcClientOptions | None = None,
+    hooks: Sequence[ClientHook] = (),
 ) -> Callable[..., LocalResult]:
-    """Build `local_train(variables, teacher, data, task, attack_on) -> LocalResult`.
+    """Build `local_train(variables, teacher, data, task, attack_on, hook_states=())
+    -> LocalResult`.
 
     Args:
       model: flax module called as `model.apply(vars, x, train=True)`.
@@ -219,12 +424,19 @@ def make_local_train(
       epochs: local epochs E.
       data_attack: backdoor applied to malicious clients' flagged samples, or None.
       spmc: SPMC client options, or None for plain SGD on the data loss.
+      hooks: client hooks in `collect_hooks` order; `hook_states` are their states.
 
     The returned function is pure and written for one client; `teacher` is ignored when
     `spmc` is None (pass the global variables).
     """
     one_step = make_client_step(
-        model, transform, optimizer, batch_size=batch_size, data_attack=data_attack, spmc=spmc
+        model,
+        transform,
+        optimizer,
+        batch_size=batch_size,
+        data_attack=data_attack,
+        spmc=spmc,
+        hooks=hooks,
     )
     return local_train_from_step(
         one_step,
@@ -257,15 +469,24 @@ def local_train_from_step(
         )
 
     def local_train(
-        variables: PyTree, teacher: PyTree, data: ClientData, task: ClientTask, attack_on: jax.Array
+        variables: PyTree,
+        teacher: PyTree,
+        data: ClientData,
+        task: ClientTask,
+        attack_on: jax.Array,
+        hook_states: tuple[PyTree, ...] = (),
     ) -> LocalResult:
         opt_state = optimizer.init(variables["params"])
         n_batches = task.size // batch_size
+        # Hooks see the round's global parameters: the client's starting point.
+        extra = (HookInputs(variables["params"], tuple(hook_states)),) if hook_states else ()
 
         def step(carry, s, perm, key):
             variables, opt_state, loss_sum, proj_sum = carry
             active = s < n_batches
-            out = one_step(variables, opt_state, teacher, data, task, attack_on, perm, key, s)
+            out = one_step(
+                variables, opt_state, teacher, data, task, attack_on, perm, key, s, *extra
+            )
 
             def keep(new, old):
                 return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)

@@ -33,6 +33,8 @@ ATTACKER_IDS = ("last", "random")
 NUMBER_NEUTRAL_FIELDS = frozenset(
     {"out", "data_dir", "fetch", "eval_batch", "coordinator", "num_processes", "process_id"}
 )
+# What SPMC's malicious clients do with the projection (= client.SPMC_ATTACKER_MODES).
+ATTACKERS_PROJECTION = ("follow", "skip", "invert")
 
 # Reference-code quirks behind Table 2's baseline rows (spmc_reference.md §4, §6.2), switched on
 # by `--protocol paper`; `--protocol fair` runs every rule as its paper defines it. Explicit
@@ -102,6 +104,12 @@ class Config:
     attack_end: int | None = None  # last attacked round (1-based, inclusive); None: the last
     attacker_ids: str = "last"
     attackers_skip_projection: bool = False
+    attackers_projection: str = "follow"
+    # client-side options (client hooks, spmc_jax/client_hooks)
+    fedprox_mu: float = 0.0
+    client_dp_clip: float = 0.0
+    client_dp_sigma: float = 0.0
+    client_dp_all: bool = False
     # defense
     defense: str = "spmc"
     defense_opts: tuple[tuple[str, str], ...] = ()
@@ -142,6 +150,11 @@ class Config:
     def defense_assumed_malicious(self) -> int:
         """Attacker count handed to rules that need one (default: from γ, like the reference)."""
         return self.num_malicious if self.assumed_malicious is None else self.assumed_malicious
+
+    @property
+    def attackers_projection_mode(self) -> str:
+        """SPMC attackers' projection mode; the older `attackers_skip_projection` = 'skip'."""
+        return "skip" if self.attackers_skip_projection else self.attackers_projection
 
     @property
     def uses_spmc_client(self) -> bool:
@@ -236,6 +249,36 @@ class Config:
                 f"one (accepted: {', '.join(STREAMABLE_DEFENSES)})"
             )
         choice("attacker_ids", self.attacker_ids, ATTACKER_IDS)
+        choice("attackers_projection", self.attackers_projection, ATTACKERS_PROJECTION)
+        if self.attackers_skip_projection and self.attackers_projection not in ("follow", "skip"):
+            raise ValueError(
+                "--attackers-skip-projection contradicts --attackers-projection "
+                f"{self.attackers_projection!r}; accepted: one of them (skip = "
+                "--attackers-projection skip)"
+            )
+        if not (math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0):
+            raise ValueError(
+                f"--fedprox-mu must be a finite number >= 0 (0 = off), got {self.fedprox_mu}"
+            )
+        if not (math.isfinite(self.client_dp_clip) and self.client_dp_clip >= 0):
+            raise ValueError(
+                f"--client-dp-clip must be a finite number >= 0 (0 = off), got "
+                f"{self.client_dp_clip}"
+            )
+        if not (math.isfinite(self.client_dp_sigma) and self.client_dp_sigma >= 0):
+            raise ValueError(
+                f"--client-dp-sigma must be a finite number >= 0, got {self.client_dp_sigma}"
+            )
+        if self.client_dp_clip == 0 and (self.client_dp_sigma > 0 or self.client_dp_all):
+            raise ValueError(
+                "--client-dp-sigma / --client-dp-all need --client-dp-clip C > 0 (the noise "
+                f"std is sigma*C), got --client-dp-clip {self.client_dp_clip}"
+            )
+        if self.stream_aggregation and self.client_dp_clip > 0:
+            raise ValueError(
+                "--stream-aggregation cannot run --client-dp (it transforms the client matrix "
+                "before aggregation); accepted: one of them"
+            )
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"--gamma must be in [0, 1), got {self.gamma}")
         at_least("clients", self.clients, 2)

@@ -32,17 +32,24 @@ from spmc_jax import sharding as sharding_lib
 from spmc_jax import spmc as spmc_lib
 from spmc_jax.aggregators import AggregatorEnv, RoundContext, get_aggregator
 from spmc_jax.aggregators.base import sanitize
-from spmc_jax.attacks import AttackEnv, parse_attack
+from spmc_jax.attacks import AttackEnv, parse_attack, parse_client_attacks
 from spmc_jax.attacks.base_backdoor import base as base_trigger
 from spmc_jax.client import (
     ClientData,
     ClientTask,
+    ModelOps,
+    ServerContext,
     SpmcClientOptions,
+    apply_row_hooks,
+    collect_hooks,
+    init_hook_states,
     local_train_from_step,
     make_client_step,
     make_local_train,
     make_optimizer,
+    server_update,
 )
+from spmc_jax.client_hooks import config_hooks
 from spmc_jax.config import STREAMABLE_DEFENSES, Config
 from spmc_jax.data import partition as part_lib
 from spmc_jax.data.pipeline import make_test_transform, make_train_transform, pil_bilinear_resize
@@ -514,6 +521,7 @@ class RunState(NamedTuple):
     teachers: jax.Array  # SPMC clients: (N, d) or (m, d) (`Config.spmc_teachers`); else (1, 1)
     teacher_ids: jax.Array  # sorted client ids of the `teachers` rows (-1: none yet)
     key: jax.Array
+    hooks: PyTree = ()  # per-run states of the client hooks (client.ClientHook), in order
 
 
 class RoundOut(NamedTuple):
@@ -603,8 +611,21 @@ class Simulation:
             n_clients=self.n,
             lr=cfg.lr,
             param_mask=self.flat.param_mask,
+            model=ModelOps(self.flat, self._logits),
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
+        # ---- client hooks (client.ClientHook): stateful triggers, training-time attacks,
+        # FedProx, local DP. Empty by default: then no code path below changes.
+        self.hooks = collect_hooks(
+            self.data_attack,
+            [*parse_client_attacks(cfg.attack, env, cfg.attack_options()), *config_hooks(cfg, env)],
+        )
+        if cfg.stream_aggregation and any(h.rows is not None for h in self.hooks):
+            raise ValueError(
+                "--stream-aggregation cannot run client hooks that transform the client matrix "
+                f"({', '.join(h.name for h in self.hooks if h.rows is not None)})"
+            )
+        # ---- end client hooks
         if cfg.stream_aggregation and (self.model_attacks or self.mesh is not None):
             raise ValueError(
                 "--stream-aggregation folds client models into a running sum as they are "
@@ -613,6 +634,7 @@ class Simulation:
                 "data-only attacks on one device"
             )
         probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
+        self._probe_stateful = probe is not None and probe.hook is not None  # client hooks
         # Attacks without a test-time trigger are probed with the reference trigger, so R
         # (and V) stay defined: how often that trigger flips predictions to class 2.
         self.r_trigger = "attack" if probe is not None else "base (probe)"
@@ -623,7 +645,7 @@ class Simulation:
         self.test_transform = make_test_transform(ds.kind, ds.mean, ds.std)
         tx = make_optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
         spmc_opts = (
-            SpmcClientOptions(cfg.spmc_lambda, cfg.attackers_skip_projection)
+            SpmcClientOptions(cfg.spmc_lambda, attackers=cfg.attackers_projection_mode)
             if cfg.uses_spmc_client
             else None
         )
@@ -635,6 +657,7 @@ class Simulation:
             batch_size=cfg.batch_size,
             data_attack=self.data_attack,
             spmc=spmc_opts,
+            hooks=self.hooks,
         )
         self.local_train = local_train_from_step(
             self.client_step,
@@ -668,6 +691,7 @@ class Simulation:
         )
         self.defense_opts = self._defense_options()
         self.data = self._device_data()
+        self._attacker_idx = self._attacker_sample()  # client hooks' ServerContext data
         self.run_rounds = jax.jit(self._run_rounds, static_argnums=(2,))
         self.evaluate = jax.jit(self._evaluate)
 
@@ -769,6 +793,29 @@ class Simulation:
             tree,
         )
 
+    def _logits(self, variables: PyTree, x: jax.Array) -> jax.Array:
+        """Eval-mode logits of a variables pytree (client hooks' `ModelOps.logits`)."""
+        return cast(jax.Array, self.model.apply(variables, x, train=False))
+
+    def _attacker_sample(self, size: int = 256) -> np.ndarray:
+        """Up to `size` indices into block 0 of the malicious clients' samples (seeded), for
+        hooks whose server update uses the attackers' data; empty when none needs it."""
+        if not any(h.needs_attacker_data for h in self.hooks):
+            return np.zeros((0,), np.int32)
+        if self.n_blocks > 1:
+            raise ValueError(
+                f"client hooks {[h.name for h in self.hooks if h.needs_attacker_data]} read "
+                "the attackers' data on the server side: run them with --client-data "
+                "replicated or on one device"
+            )
+        idx = self.plan.partition.indices
+        sizes = self.plan.partition.sizes
+        local = client_blocks(idx, sizes, 1)[0]
+        parts = [local[c, : sizes[c]] for c in np.flatnonzero(self.plan.malicious)]
+        pool = np.concatenate(parts) if parts else np.zeros((1,), np.int32)
+        rng = np.random.RandomState(self.cfg.seed + 11)
+        return np.sort(rng.choice(pool, min(size, len(pool)), replace=False)).astype(np.int32)
+
     def predict(self, flat: jax.Array, x: jax.Array) -> jax.Array:
         """Eval-mode logits of the flat model (BatchNorm on running statistics)."""
         return cast(jax.Array, self.model.apply(self.flat.unravel(flat), x, train=False))
@@ -817,7 +864,14 @@ class Simulation:
             teachers = jnp.zeros((self.n, self.flat.dim), jnp.float32)
             ids = jnp.full((self.n,), -1, jnp.int32)
         state = self._place(
-            RunState(self.init_flat, agg.init(self.init_flat), teachers, ids, self.round_key)
+            RunState(
+                self.init_flat,
+                agg.init(self.init_flat),
+                teachers,
+                ids,
+                self.round_key,
+                init_hook_states(self.hooks, self.init_flat),
+            )
         )
         if self._shard_teachers:
             assert self.mesh is not None
@@ -869,9 +923,12 @@ class Simulation:
         ids = jax.vmap(block)(jax.random.split(key, d), jnp.arange(d))
         return ids.reshape(-1).astype(jnp.int32)
 
-    def _client_fn(self, block: ClientData, global_flat: jax.Array, attack_on: jax.Array):
+    def _client_fn(
+        self, block: ClientData, global_flat: jax.Array, attack_on: jax.Array, hooks: PyTree = ()
+    ):
         """`one((idx, size, malicious, rank, key, teacher_flat)) -> (row, loss, projected)`:
-        one participant's local training on the data block `block` (leading axis 1)."""
+        one participant's local training on the data block `block` (leading axis 1);
+        `hooks`: the client hooks' states of the round."""
         spmc = self.cfg.uses_spmc_client
         variables = self.flat.unravel(global_flat)
         train = first_block(block)
@@ -880,7 +937,7 @@ class Simulation:
             idx, size, mal, rank, key, teacher_flat = args
             teacher = self.flat.unravel(teacher_flat) if spmc else variables
             task = ClientTask(idx, size, mal, rank, key)
-            out = self.local_train(variables, teacher, train, task, attack_on)
+            out = self.local_train(variables, teacher, train, task, attack_on, hooks)
             return self.flat.ravel(out.variables), out.loss, out.projected
 
         return one
@@ -914,7 +971,7 @@ class Simulation:
             else jnp.ones((n,), jnp.float32)
         )
         xs = self._client_inputs(data, ids, keys, jnp.zeros((n, 1)))
-        one = self._client_fn(data.train, state.global_flat, attack_on)
+        one = self._client_fn(data.train, state.global_flat, attack_on, state.hooks)
 
         def fold(acc, part):
             xs_c, b = part
@@ -951,9 +1008,9 @@ class Simulation:
         teachers = self._lookup_teachers(state, ids) if spmc else jnp.zeros((self.n, 1))
         xs = self._client_inputs(data, ids, keys, teachers)
 
-        def train_block(block: ClientData, xs, global_flat, attack_on):
+        def train_block(block: ClientData, xs, global_flat, attack_on, hooks=()):
             """This device's participants, on this device's block of the train set."""
-            one = self._client_fn(block, global_flat, attack_on)
+            one = self._client_fn(block, global_flat, attack_on, hooks)
             chunk = self.client_chunk
             if chunk is None or chunk >= xs[0].shape[0]:
                 return jax.vmap(one)(xs)
@@ -961,7 +1018,7 @@ class Simulation:
             return jax.lax.map(one, xs) if chunk == 1 else jax.lax.map(one, xs, batch_size=chunk)
 
         if self.mesh is None:
-            return train_block(data.train, xs, state.global_flat, attack_on)
+            return train_block(data.train, xs, state.global_flat, attack_on, state.hooks)
         # Many devices: each trains its own participants (a contiguous m/D of the sorted ids)
         # on its own data block, or on the replicated train set; the client rows come out
         # sharded and the aggregation after it is left to sharding propagation.
@@ -969,12 +1026,12 @@ class Simulation:
         return jax.shard_map(
             train_block,
             mesh=self.mesh,
-            in_specs=(c if self.n_blocks > 1 else r, c, r, r),
+            in_specs=(c if self.n_blocks > 1 else r, c, r, r, r),
             out_specs=c,
             # No collectives inside: every device only reads its inputs. Without this, the
             # scans' carries (start: the replicated global model) fail the varying-axes check.
             check_vma=False,
-        )(data.train, xs, state.global_flat, attack_on)
+        )(data.train, xs, state.global_flat, attack_on, state.hooks)
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
         key = jax.random.fold_in(state.key, r)
@@ -982,6 +1039,8 @@ class Simulation:
         ids = self._sample_clients(k_sample)
         client_keys = jax.random.split(k_clients, self.N)
         attack_on = self._attack_active(r)
+        if self.hooks:  # client hooks: the round's server-side state update, before training
+            state = state._replace(hooks=self._hook_server_update(state, data, r, attack_on, key))
         if self.cfg.stream_aggregation:
             new_global, weights, loss, projected, n_bad = self._stream_clients(
                 state, data, ids, client_keys, attack_on
@@ -1000,6 +1059,16 @@ class Simulation:
                 ),
                 lambda W: W,
                 W,
+            )
+        if self.hooks:  # client hooks: transforms of the trained rows (local DP, ...)
+            W = apply_row_hooks(
+                self.hooks,
+                state.hooks,
+                W,
+                state.global_flat,
+                malicious,
+                attack_on,
+                jax.random.fold_in(key, 0x600D),
             )
         W, valid = sanitize(W, state.global_flat)
         ctx = RoundContext(
@@ -1024,13 +1093,37 @@ class Simulation:
                     teachers = jax.lax.with_sharding_constraint(teachers, sh)
                     teacher_ids = jax.lax.with_sharding_constraint(teacher_ids, sh)
         out = RoundOut(ids, info.client_weights, loss, projected, ~valid)
-        new_state = RunState(new_global, agg_state, teachers, teacher_ids, state.key)
+        new_state = RunState(new_global, agg_state, teachers, teacher_ids, state.key, state.hooks)
         return new_state, out
+
+    def _hook_server_update(
+        self, state: RunState, data: SimData, r: jax.Array, attack_on: jax.Array, key: jax.Array
+    ) -> PyTree:
+        """Client hooks' once-per-round state update (`client.server_update`)."""
+        idx = jnp.asarray(self._attacker_idx)
+        block = first_block(data.train)
+        ctx = ServerContext(
+            global_flat=state.global_flat,
+            round=r,
+            attack_on=attack_on,
+            key=jax.random.fold_in(key, 0x5EED),
+            attacker_x=self.test_transform(block.x[idx]),
+            attacker_y=block.y[idx],
+        )
+        return server_update(self.hooks, state.hooks, ctx)
 
     def _run_rounds(self, state: RunState, data: SimData, count: int, start: jax.Array):
         return jax.lax.scan(lambda s, r: self._round(s, data, r), state, start + jnp.arange(count))
 
-    def _evaluate(self, flat: jax.Array, data: SimData) -> dict[str, jax.Array]:
+    def _evaluate(self, flat: jax.Array, data: SimData, hooks: PyTree = ()) -> dict[str, jax.Array]:
+        if self._probe_stateful:  # a stateful trigger (client hook 0): the current trigger
+            assert self.data_attack is not None and self.data_attack.test is not None
+            test = self.data_attack.test
+            trigger = lambda x, y: test(x, y, hooks[0])
+            evaluator = make_evaluator(
+                self.predict, self.test_transform, trigger, self.target, self.cfg.eval_batch
+            )
+            return evaluator(flat, data.x_test, data.y_test)
         return self.evaluator(flat, data.x_test, data.y_test)
 
 
@@ -1103,7 +1196,7 @@ def run(
         count = min(cfg.eval_every - r % cfg.eval_every, cfg.rounds - r)
         t0 = time.perf_counter()
         state, outs = sim.run_rounds(state, sim.data, count, jnp.asarray(r, jnp.int32))
-        metrics = _to_host(sim.evaluate(state.global_flat, sim.data))
+        metrics = _to_host(sim.evaluate(state.global_flat, sim.data, state.hooks))
         outs = _to_host(outs)
         seconds = (time.perf_counter() - t0) / count
         for j in range(count):

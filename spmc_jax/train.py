@@ -30,6 +30,7 @@ from typing import Any
 
 from spmc_jax.cli_help import HelpFormatter
 from spmc_jax.config import (
+    ATTACKERS_PROJECTION,
     COMPUTE_DTYPES,
     CONV_IMPLS,
     DATASETS,
@@ -180,7 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--attackers-skip-projection",
         action="store_true",
-        help="adaptive attacker: malicious clients skip SPMC's client-side projection",
+        help="adaptive attacker: malicious clients skip SPMC's client-side projection "
+        "(= --attackers-projection skip)",
+    )
+    a.add_argument(
+        "--attackers-projection",
+        default=DEFAULTS.attackers_projection,
+        help=f"{'/'.join(ATTACKERS_PROJECTION)}: what SPMC's malicious clients do with the "
+        "client-side projection: follow it, skip it, or invert it (double the data gradient's "
+        "component that conflicts with the teacher instead of removing it)",
+    )
+    c = p.add_argument_group("client options")
+    c.add_argument(
+        "--fedprox-mu",
+        type=float,
+        default=DEFAULTS.fedprox_mu,
+        help="FedProx (Li et al., MLSys 2020): every client adds mu/2*||w - w_global||^2 to "
+        "its loss; 0 = off",
+    )
+    c.add_argument(
+        "--client-dp-clip",
+        type=float,
+        default=DEFAULTS.client_dp_clip,
+        help="local/weak DP: clients clip their update to L2 norm C before sending; 0 = off",
+    )
+    c.add_argument(
+        "--client-dp-sigma",
+        type=float,
+        default=DEFAULTS.client_dp_sigma,
+        help="local DP noise multiplier: Gaussian noise of std sigma*C per coordinate",
+    )
+    c.add_argument(
+        "--client-dp-all",
+        action="store_true",
+        help="attackers run the local DP mechanism too (default: benign clients only)",
     )
     s = p.add_argument_group("defense")
     s.add_argument("--defense", default=DEFAULTS.defense, help="defense name; 'help' lists them")
@@ -391,6 +425,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         attack_end=args.attack_end,
         attacker_ids=args.attacker_ids,
         attackers_skip_projection=args.attackers_skip_projection,
+        attackers_projection=args.attackers_projection,
+        fedprox_mu=args.fedprox_mu,
+        client_dp_clip=args.client_dp_clip,
+        client_dp_sigma=args.client_dp_sigma,
+        client_dp_all=args.client_dp_all,
         defense=args.defense,
         defense_opts=tuple(parse_kv(args.defense_opt, "--defense-opt").items()),
         assumed_malicious=args.assumed_malicious,

@@ -19,7 +19,7 @@ def register(spec: AttackSpec) -> AttackSpec:
     return REGISTRY.register(spec.name, spec)
 
 
-def get_attack(name: str, env: AttackEnv, **options: Any) -> DataAttack | ModelAttack:
+def get_attack(name: str, env: AttackEnv, **options: Any) -> Any:
     """Build the single attack `name` with validated `options`."""
     spec = REGISTRY.get(name)
     return spec.factory(env, **coerce_options("attack", name, spec.factory, options))
@@ -39,7 +39,7 @@ def split_names(expr: str) -> list[str]:
         REGISTRY.get(n)
         out.append(n)
     kinds = [REGISTRY.get(n).kind for n in out]
-    if kinds.count("data") > 1:
+    if kinds.count("data") + kinds.count("client_data") > 1:
         raise ValueError(f"at most one data attack may be composed, got {expr!r}")
     return out
 
@@ -55,7 +55,8 @@ def parse_attack(
       options: per-attack options, {name: {option: value}}.
 
     Returns:
-      (data attack or None, list of model attacks in application order).
+      (data attack or None, list of model attacks in application order). Training-time
+      attacks (kind "client", e.g. neurotoxin) are built by `parse_client_attacks`.
     """
     options = options or {}
     names = split_names(expr)
@@ -65,12 +66,26 @@ def parse_attack(
     data: DataAttack | None = None
     models: list[ModelAttack] = []
     for n in names:
+        if REGISTRY.get(n).kind == "client":
+            continue
         built = get_attack(n, env, **options.get(n, {}))
         if isinstance(built, DataAttack):
             data = built
         else:
             models.append(built)
     return data, models
+
+
+def parse_client_attacks(
+    expr: str, env: AttackEnv, options: dict[str, dict[str, Any]] | None = None
+) -> list[Any]:
+    """The `client.ClientHook`s of the training-time attacks (kind "client") in `expr`."""
+    options = options or {}
+    return [
+        get_attack(n, env, **options.get(n, {}))
+        for n in split_names(expr)
+        if REGISTRY.get(n).kind == "client"
+    ]
 
 
 __all__ = [
@@ -81,6 +96,7 @@ __all__ = [
     "ModelAttack",
     "get_attack",
     "parse_attack",
+    "parse_client_attacks",
     "register",
     "split_names",
 ]

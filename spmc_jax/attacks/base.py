@@ -51,6 +51,9 @@ class AttackEnv:
       param_mask: (d,) bool NumPy array over the flat model vector, True on trainable
         parameters (`Flattener.param_mask`); model attacks modify and measure only those
         coordinates. None: every coordinate is a parameter.
+      model: `client.ModelOps` (flattener, eval-mode logits) for client-hook attacks that
+        evaluate the model (A3FL, IBA) or map flat vectors to parameters (Neurotoxin); set
+        by the engine, None elsewhere.
     """
 
     image_shape: tuple[int, int, int]
@@ -61,6 +64,7 @@ class AttackEnv:
     n_clients: int = 10
     lr: float = 0.01
     param_mask: np.ndarray | None = None
+    model: Any = None
 
     def __post_init__(self) -> None:
         if self.param_mask is not None:
@@ -82,12 +86,18 @@ class AttackEnv:
 
 
 class DataAttack(NamedTuple):
-    """A training-data backdoor / label attack (see module docstring)."""
+    """A training-data backdoor / label attack (see module docstring).
+
+    `hook`: a stateful trigger (A3FL, IBA) carries its `client.ClientHook`; its state (the
+    trigger being optimised) is then passed as a last argument to both `apply(x, y, flags,
+    rank, key, state)` and `test(x, y, state)`.
+    """
 
     poison_rate: float
     apply: Callable[..., tuple[jax.Array, jax.Array]]
-    test: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None
+    test: Callable[..., tuple[jax.Array, jax.Array]] | None
     target: int | None
+    hook: Any = None
 
 
 ModelApply = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -104,8 +114,10 @@ class AttackSpec:
     """Registry entry: `factory(env, **options)` -> DataAttack | ModelAttack."""
 
     name: str
-    kind: str  # "data" or "model"
-    factory: Callable[..., DataAttack | ModelAttack]
+    # "data", "model", "client" (a training-time attack: the factory returns a
+    # client.ClientHook) or "client_data" (a DataAttack whose trigger is a hook's state)
+    kind: str
+    factory: Callable[..., Any]
     summary: str
     paper: str = ""
 

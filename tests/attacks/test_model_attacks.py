@@ -355,7 +355,7 @@ def test_registry_listing():
     items = dict(REGISTRY.items())
     assert ours <= set(items)
     for name, spec in items.items():
-        assert spec.name == name and spec.kind in ("data", "model")
+        assert spec.name == name and spec.kind in ("data", "model", "client", "client_data")
         assert spec.summary and "\n" not in spec.summary
         if name != "none":
             assert spec.paper, name

@@ -1,0 +1,315 @@
+"""Training-time (client-hook) attacks: Neurotoxin's mask against its oracle, benign clients
+untouched, and 2-round runs on blobs whose numbers they change."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmc_jax.attacks import REGISTRY, AttackEnv, get_attack, parse_attack, parse_client_attacks
+from spmc_jax.attacks.neurotoxin import keep_mask
+from spmc_jax.client import ClientHook, GradContext, ModelOps, ServerContext
+from spmc_jax.config import Config
+from spmc_jax.engine import run
+from spmc_jax.flat import Flattener
+from tests.client_runs import TINY, plain_fedavg
+from tests.reference import client_hooks_oracle as oracle
+
+CLIENT_ATTACKS = [n for n, s in REGISTRY.items() if s.kind == "client"]
+
+
+def _toy_env():
+    """A 2-tensor 'model' with a BatchNorm-like non-parameter leaf, for hook unit tests."""
+    variables = {
+        "params": {"a": jnp.zeros((3, 4)), "b": jnp.zeros((5,))},
+        "batch_stats": {"m": jnp.zeros((2,))},
+    }
+    flat = Flattener.build(variables)
+    env = AttackEnv(
+        (32, 32, 3), (0.5,) * 3, (0.5,) * 3, param_mask=flat.param_mask, model=ModelOps(flat, None)
+    )
+    return env, flat
+
+
+def _server_ctx(g):
+    z = jnp.zeros((0, 32, 32, 3))
+    return ServerContext(g, jnp.int32(1), jnp.asarray(True), jax.random.key(0), z, z[:, 0, 0, 0])
+
+
+@pytest.mark.parametrize("name", CLIENT_ATTACKS)
+def test_client_attacks_are_hooks_outside_parse_attack(name):
+    env, _ = _toy_env()
+    hook = get_attack(name, env)
+    assert isinstance(hook, ClientHook) and hook.grad is not None
+    assert parse_attack(f"base+{name}", env)[1] == []  # neither a data nor a model attack
+    assert len(parse_client_attacks(f"base+{name}", env)) == 1
+
+
+def test_neurotoxin_mask_matches_oracle():
+    rng = np.random.RandomState(0)
+    d, p = 60, 50
+    pm = np.arange(d) < p
+    prev, cur = rng.randn(d).astype(np.float32), rng.randn(d).astype(np.float32)
+    for ratio in (0.02, 0.1, 0.5, 1.0):
+        got = np.asarray(keep_mask(jnp.asarray(prev), jnp.asarray(cur), ratio, pm))
+        np.testing.assert_array_equal(got[:p], oracle.neurotoxin_mask(prev[:p], cur[:p], ratio))
+        np.testing.assert_array_equal(got[p:], 1.0)  # non-parameters are never masked
+    # Round 0: no previous update, nothing masked.
+    np.testing.assert_array_equal(
+        np.asarray(keep_mask(jnp.asarray(cur), jnp.asarray(cur), 0.5, pm)), 1.0
+    )
+
+
+def test_neurotoxin_masks_only_attackers_in_the_window():
+    env, flat = _toy_env()
+    hook = get_attack("neurotoxin", env, ratio=0.25)
+    rng = np.random.RandomState(1)
+    g0 = jnp.asarray(rng.randn(flat.dim).astype(np.float32))
+    g1 = jnp.asarray(rng.randn(flat.dim).astype(np.float32))
+    state = hook.server(hook.init(g0), _server_ctx(g1))
+    np.testing.assert_array_equal(np.asarray(state[0]), np.asarray(g1))
+    grad = {"a": jnp.ones((3, 4)), "b": jnp.ones((5,))}
+    params = flat.unravel(g1)["params"]
+
+    def ctx(mal, on):
+        return GradContext(
+            params, params, jnp.asarray(mal), jnp.asarray(on), jax.random.key(0), state
+        )
+
+    out = hook.grad(grad, ctx(True, True))
+    masked = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])  # flat param order
+    want = oracle.neurotoxin_mask(np.asarray(g0)[:17], np.asarray(g1)[:17], 0.25)
+    np.testing.assert_array_equal(masked, want)
+    assert want.sum() == 17 - 5  # ceil(0.25 * 17) coordinates left alone
+    for mal, on in ((False, True), (True, False)):
+        ctx = GradContext(
+            params, params, jnp.asarray(mal), jnp.asarray(on), jax.random.key(0), state
+        )
+        out = hook.grad(grad, ctx)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grad), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_neurotoxin_and_alter_min_run_change_numbers_and_track_the_global_update(blobs):
+    """2 rounds of base+neurotoxin+alter_min (one run for both, to save CI time): after the
+    run neurotoxin's state holds g_1 and the oracle's mask of the update g_1 − g_0, alter_min's
+    holds δ̂ = g_1 − g_0, and the attackers' training changed the model."""
+    cfg = Config(
+        **{**TINY, "attack": "base+neurotoxin+alter_min"},
+        attack_opts=(("neurotoxin", "ratio", "0.3"),),
+    )
+    res = run(cfg, blobs)
+    assert [h.name for h in res.sim.hooks] == ["neurotoxin", "alter_min"]
+    g0 = np.asarray(res.sim.init_flat)
+    prev, mask = (np.asarray(a) for a in res.state.hooks[0])
+    pm = res.sim.flat.param_mask
+    np.testing.assert_array_equal(mask[pm], oracle.neurotoxin_mask(g0[pm], prev[pm], 0.3))
+    prev_a, est = (np.asarray(a) for a in res.state.hooks[1])
+    np.testing.assert_array_equal(prev_a, prev)
+    np.testing.assert_array_equal(est, prev - g0)  # the same float32 subtraction
+    assert np.any(est != 0)
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ---------------------------------------------------------------------------------- A3FL
+def _linear_env(seed=0):
+    """A linear softmax 'model' on 32x32x3 inputs, for the trigger-search oracles."""
+    rng = np.random.RandomState(seed)
+    w = jnp.asarray(rng.randn(32 * 32 * 3, 10).astype(np.float32) * 0.05)
+    b = jnp.asarray(rng.randn(10).astype(np.float32) * 0.1)
+    variables = {"params": {"b": b, "w": w}}
+    flat = Flattener.build(variables)
+
+    def logits(v, x):
+        return x.reshape(x.shape[0], -1) @ v["params"]["w"] + v["params"]["b"]
+
+    env = AttackEnv(
+        (32, 32, 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), num_classes=10, model=ModelOps(flat, logits)
+    )
+    x = jnp.asarray(rng.randn(16, 32, 32, 3).astype(np.float32))
+    y = jnp.asarray(rng.randint(0, 10, 16).astype(np.int32))
+    return env, flat.ravel(variables), variables, x, y
+
+
+def test_a3fl_trigger_search_matches_oracle():
+    env, g, variables, x, y = _linear_env()
+    attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
+    hook = attack.hook
+    p0 = hook.init(g)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    got = np.asarray(jax.jit(hook.server)(p0, ctx))
+    mask = np.zeros((32, 32, 3), bool)
+    mask[:4, :4] = True
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    want, smallest = oracle.a3fl_linear_trigger(
+        np.asarray(x),
+        mask,
+        np.asarray(p0),
+        np.asarray(variables["params"]["w"], np.float64),
+        np.asarray(variables["params"]["b"], np.float64),
+        2,
+        0.1,
+        4,
+        lo,
+        hi,
+    )
+    assert smallest > 1e-6  # every sign well defined in float32
+    # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, np.asarray(p0))
+    np.testing.assert_array_equal(got[~mask], 0.0)  # nothing outside the patch
+    # Outside the attack window the trigger is kept.
+    off = jax.jit(hook.server)(p0, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(p0))
+
+
+def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
+    env, g, _, x, y = _linear_env(1)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    plain = get_attack("a3fl", env, steps=3, adv_steps=0).hook
+    adv = get_attack("a3fl", env, steps=3, adv_steps=3, adv_lr=5.0).hook
+    a = np.asarray(plain.server(plain.init(g), ctx))
+    b = np.asarray(adv.server(adv.init(g), ctx))
+    assert not np.array_equal(a, b)
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    assert np.all(b >= lo - 1e-6) and np.all(b <= hi + 1e-6)
+
+
+def test_a3fl_stamps_only_flagged_samples_with_the_state():
+    env, _, _, x, y = _linear_env()
+    attack = get_attack("a3fl", env, size=3)
+    pattern = jnp.full((32, 32, 3), 7.0)
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), pattern)
+    xo, yo = np.asarray(xo), np.asarray(yo)
+    np.testing.assert_array_equal(xo[1::2], np.asarray(x)[1::2])
+    np.testing.assert_array_equal(yo[1::2], np.asarray(y)[1::2])
+    assert np.all(xo[::2, :3, :3] == 7.0) and np.all(yo[::2] == 2)
+    np.testing.assert_array_equal(xo[::2, 3:], np.asarray(x)[::2, 3:])
+    xt, yt = attack.test(x, y, pattern)
+    assert np.all(np.asarray(xt)[:, :3, :3] == 7.0) and np.all(np.asarray(yt) == 2)
+
+
+def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
+    """2 rounds of a3fl through `run`: the trigger state moved off its white-patch start,
+    stayed inside the patch, and R is measured with it (a finite number differing from the
+    static-trigger run's)."""
+    cfg = Config(**{**TINY, "attack": "a3fl"})
+    res = run(cfg, blobs)
+    sim = res.sim
+    pattern = np.asarray(res.state.hooks[0])
+    start = np.asarray(sim.data_attack.hook.init(sim.init_flat))
+    assert not np.array_equal(pattern, start)
+    np.testing.assert_array_equal(pattern[5:], 0.0)
+    assert sim.r_trigger == "attack"
+    assert res.history[-1]["R"] is not None
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ----------------------------------------------------------------------------------- IBA
+def test_iba_trigger_matches_oracle_and_is_bounded():
+    env, _, _, x, y = _linear_env(2)
+    attack = get_attack("iba", env, eps=0.1, hidden=4)
+    gen = attack.hook.init(None)
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
+    xo, x_np = np.asarray(xo, np.float64), np.asarray(x, np.float64)
+    want = oracle.iba_trigger(jax.tree.map(np.asarray, gen), x_np, 0.1, np.array(env.std))
+    # float32 convolutions of O(1) values over 9·C terms: 1e-5 absolute after tanh.
+    np.testing.assert_allclose(xo[::2] - x_np[::2], want[::2], atol=1e-5)
+    np.testing.assert_array_equal(xo[1::2], x_np[1::2])
+    np.testing.assert_array_equal(np.asarray(yo)[1::2], np.asarray(y)[1::2])
+    assert np.all(np.asarray(yo)[::2] == 2)
+    # |T(x)| <= eps in pixel units (times std back from normalised units).
+    assert np.all(np.abs((xo - x_np) * np.array(env.std)) <= 0.1 + 1e-6)
+
+
+def test_iba_generator_step_lowers_the_target_loss():
+    env, g, variables, x, y = _linear_env(3)
+    attack = get_attack("iba", env, gen_steps=3, gen_lr=0.5)
+    hook = attack.hook
+    gen0 = hook.init(g)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    gen1 = jax.jit(hook.server)(gen0, ctx)
+
+    def target_loss(gen):
+        xt, _ = attack.test(x, y, gen)
+        logits = env.model.logits(variables, xt)
+        return float(-jnp.mean(jax.nn.log_softmax(logits)[:, 2]))
+
+    assert target_loss(gen1) < target_loss(gen0)
+    off = jax.jit(hook.server)(gen0, ctx._replace(attack_on=jnp.asarray(False)))
+    for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(gen0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_iba_run_trains_the_generator(blobs):
+    cfg = Config(
+        **{**TINY, "attack": "iba"}, attack_opts=(("iba", "gen_steps", "2"), ("iba", "hidden", "4"))
+    )
+    res = run(cfg, blobs)
+    gen0 = res.sim.data_attack.hook.init(None)
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(res.state.hooks[0]), jax.tree.leaves(gen0), strict=True)
+    ]
+    assert all(moved)
+    assert res.history[-1]["R"] is not None and res.sim.r_trigger == "attack"
+    assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+# ------------------------------------------------------------------------------ alter_min
+def test_alter_min_matches_oracle():
+    env, flat = _toy_env()
+    env = AttackEnv(
+        env.image_shape,
+        env.mean,
+        env.std,
+        num_malicious=1,
+        n_clients=4,
+        param_mask=env.param_mask,
+        model=env.model,
+    )
+    hook = get_attack("alter_min", env, rho=0.3)
+    rng = np.random.RandomState(5)
+    g0, g1 = (jnp.asarray(rng.randn(flat.dim).astype(np.float32)) for _ in range(2))
+    state = hook.server(hook.init(g0), _server_ctx(g1))
+    est = np.asarray(g1, np.float64) - np.asarray(g0)
+    np.testing.assert_allclose(np.asarray(state[1]), est, atol=1e-6)
+    # Rows: boosting by n/m = 4 on the 17 parameter columns of the malicious rows only.
+    W = jnp.asarray(rng.randn(4, flat.dim).astype(np.float32))
+    mal = np.array([False, True, False, True])
+    from spmc_jax.client import RowsContext
+
+    ctx = RowsContext(g1, jnp.asarray(mal), jnp.asarray(True), jax.random.key(0), state)
+    out = np.asarray(hook.rows(W, ctx))
+    want = oracle.alter_min_rows(np.asarray(W)[:, :17], np.asarray(g1)[:17], est[:17], mal, 4.0)
+    # float32 products of O(1) values boosted x4: 1e-5 absolute.
+    np.testing.assert_allclose(out[:, :17], want, atol=1e-5)
+    np.testing.assert_array_equal(out[:, 17:], np.asarray(W)[:, 17:])  # BN-like columns
+    np.testing.assert_array_equal(out[~mal], np.asarray(W)[~mal])
+    off = hook.rows(W, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(W))
+    # Gradient: + 2ρ(w − w_g − δ̂) for an attacker in the window, untouched otherwise.
+    params = flat.unravel(g1 + 0.5)["params"]
+    gparams = flat.unravel(g1)["params"]
+    grad = {"a": jnp.ones((3, 4)), "b": jnp.ones((5,))}
+    for mal_c, on, expect in ((True, True, True), (False, True, False), (True, False, False)):
+        gc = GradContext(
+            params, gparams, jnp.asarray(mal_c), jnp.asarray(on), jax.random.key(0), state
+        )
+        got = hook.grad(grad, gc)
+        e = flat.unravel(jnp.asarray(est, jnp.float32))["params"]
+        for k in ("a", "b"):
+            want_k = (
+                oracle.alter_min_grad(
+                    1.0, np.asarray(params[k]), np.asarray(gparams[k]), np.asarray(e[k]), 0.3
+                )
+                if expect
+                else np.ones_like(np.asarray(grad[k]))
+            )
+            np.testing.assert_allclose(np.asarray(got[k]), want_k, atol=1e-5)

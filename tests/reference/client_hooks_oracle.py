@@ -1,0 +1,117 @@
+"""Float64 NumPy oracles of the client hooks and client-side attacks, from the papers' math.
+
+Nothing here imports spmc_jax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def prox_gradient(g: np.ndarray, w: np.ndarray, w_global: np.ndarray, mu: float) -> np.ndarray:
+    """FedProx (Li et al. 2020): ∇[F(w) + μ/2‖w − w_g‖²] = g + μ(w − w_g)."""
+    return np.asarray(g, np.float64) + mu * (np.asarray(w, np.float64) - w_global)
+
+
+def clip_update(W: np.ndarray, g: np.ndarray, clip: float) -> np.ndarray:
+    """Rows g + (w_i − g)·min(1, C/‖w_i − g‖₂), float64, one row at a time."""
+    out = np.array(W, np.float64)
+    for i in range(out.shape[0]):
+        u = out[i] - g
+        norm = np.sqrt(np.sum(u * u))
+        out[i] = g + u * (min(1.0, clip / norm) if norm > 0 else 1.0)
+    return out
+
+
+def neurotoxin_mask(prev: np.ndarray, cur: np.ndarray, ratio: float) -> np.ndarray:
+    """Neurotoxin (Zhang et al. 2022): 1 on coordinates NOT among the top-⌈ratio·p⌉ of
+    |cur − prev| (last round's global update), 0 on those; all 1 without an update."""
+    delta = np.abs(np.asarray(cur, np.float64) - prev)
+    p = delta.size
+    if not np.any(delta > 0):
+        return np.ones(p)
+    k = int(np.ceil(ratio * p))
+    top = np.argsort(-delta, kind="stable")[:k]
+    mask = np.ones(p)
+    mask[top] = 0.0
+    return mask
+
+
+def spmc_invert(gd: np.ndarray, gg: np.ndarray, lam: float) -> np.ndarray:
+    """SPMC projection inverted (one tensor): if ⟨G_d, G_g⟩ < 0,
+    G = G_d + λ·⟨G_d, G_g⟩/‖G_g‖²·G_g (the conflicting component grows), else G_d."""
+    gd = np.asarray(gd, np.float64).ravel()
+    gg = np.asarray(gg, np.float64).ravel()
+    dot = gd @ gg
+    if dot < 0:
+        return gd + lam * dot / (gg @ gg) * gg
+    return gd
+
+
+def a3fl_linear_trigger(
+    x: np.ndarray,
+    mask: np.ndarray,
+    pattern: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray,
+    target: int,
+    alpha: float,
+    steps: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """A3FL's trigger search (no adversarial model) against a linear softmax model
+    logits = flatten(x') @ W + b, x' = (1 − M)x + Mδ, in float64: δ ← clip(δ − α·sign(∇_δ
+    CE(x', target)), lo, hi) on M, with ∇_{x'_b} CE = W (softmax_b − e_t) / B.
+
+    Returns (δ, the smallest |∇| entry on M seen, to check that signs are well defined).
+    """
+    x = np.asarray(x, np.float64)
+    p = np.asarray(pattern, np.float64).copy()
+    B = x.shape[0]
+    smallest = np.inf
+    for _ in range(steps):
+        xs = np.where(mask[None], p[None], x)
+        logits = xs.reshape(B, -1) @ W + b
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        prob = e / e.sum(1, keepdims=True)
+        prob[:, target] -= 1.0
+        gx = (prob @ W.T / B).reshape(x.shape)
+        g = np.where(mask, gx.sum(0), 0.0)
+        smallest = min(smallest, float(np.min(np.abs(g[mask]))))
+        p = np.where(mask, np.clip(p - alpha * np.sign(g), lo, hi), p)
+    return p, smallest
+
+
+def conv3x3_same(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """'SAME' 3x3 cross-correlation (NHWC, HWIO) by summing the 9 shifted products."""
+    x = np.asarray(x, np.float64)
+    n, h, wd, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, wd, w.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += xp[:, i : i + h, j : j + wd, :] @ np.asarray(w[i, j], np.float64)
+    return out + b
+
+
+def iba_trigger(params: dict, x: np.ndarray, eps: float, std: np.ndarray) -> np.ndarray:
+    """IBA (Nguyen et al. 2023): T(x) = ε·tanh(conv(ReLU(conv(x))))/std, float64."""
+    h = np.maximum(conv3x3_same(x, params["w1"], params["b1"]), 0.0)
+    return eps * np.tanh(conv3x3_same(h, params["w2"], params["b2"])) / np.asarray(std)
+
+
+def alter_min_rows(
+    W: np.ndarray, g: np.ndarray, est: np.ndarray, malicious: np.ndarray, lam: float
+) -> np.ndarray:
+    """Bhagoji et al. (2019) explicit boosting around the benign estimate:
+    malicious rows g + δ̂ + λ(w − g − δ̂), benign rows unchanged, float64."""
+    W = np.asarray(W, np.float64)
+    out = W.copy()
+    out[malicious] = g + est + lam * (W[malicious] - g - est)
+    return out
+
+
+def alter_min_grad(g: np.ndarray, w: np.ndarray, w0: np.ndarray, est: np.ndarray, rho: float):
+    """∇[L + ρ‖w − w_g − δ̂‖²] = g + 2ρ(w − w_g − δ̂)."""
+    return np.asarray(g, np.float64) + 2 * rho * (np.asarray(w, np.float64) - w0 - est)
