@@ -427,7 +427,7 @@ class _ShapeOnlyProxy:
     def _fail(self, *args: Any) -> Any:
         raise RuntimeError("the validation environment has no proxy data; a factory called it")
 
-    loss_entropy = train = logits = inputs = _fail
+    loss_entropy = train = logits = inputs = features = _fail
 
 
 def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
