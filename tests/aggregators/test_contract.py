@@ -65,6 +65,7 @@ NOT_FIXED_POINT: dict[str, str] = {
     "finetuning": "the aggregate is fine-tuned on proxy data by the server",
     "crfl": "Gaussian noise is added to the parameters and the global norm is clipped",
     "rsa": "a fixed-size sign step per coordinate, not an average of the client models",
+    "flame": "Gaussian noise (sigma = noise_lambda * median update norm) is added",
 }
 
 # Rules that may give non-finite (sanitised) rows a non-zero weight (name -> reason).

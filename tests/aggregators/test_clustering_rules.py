@@ -1,0 +1,167 @@
+"""The clustering-family defenses (FLAME, Multi-Metrics, Auror, RFLBAT) against float64
+NumPy oracles (tests/reference/<rule>_oracle.py, scikit-learn for clustering steps), plus
+a 2-round `Simulation` run of each on the synthetic blobs set.
+
+Inputs: client models g + update, updates drawn around a shared benign direction with a
+planted attacker group (scaled / flipped / off-direction) so the clustering decisions are
+far from ties; D = 40 coordinates, the last N_STATS posing as BatchNorm statistics.
+Tolerances: float32 vs float64 on O(1) values with sums over ≤ 12 rows: ATOL = 2e-5.
+Which clients are kept must match exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmc_jax.aggregators import get_aggregator
+from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
+from spmc_jax.config import Config
+from spmc_jax.engine import run
+from tests.reference import flame_oracle
+
+D = 40
+N_STATS = 5
+PARAM_MASK = np.arange(D) < D - N_STATS
+ATOL = 2e-5
+RTOL = 1e-5
+
+
+@functools.cache
+def _env(n: int, m: int = 0) -> AggregatorEnv:
+    return AggregatorEnv(n_clients=n, num_malicious=m, lr=0.01, rounds=5, param_mask=PARAM_MASK)
+
+
+_BUILT: dict = {}
+
+
+def _build(name, env, **opts):
+    key = (name, id(env), tuple(sorted(opts.items())))
+    if key not in _BUILT:
+        agg = get_aggregator(name, env, **opts)
+        _BUILT[key] = (agg.init, jax.jit(agg.aggregate))
+    return _BUILT[key]
+
+
+def _ctx(g, n, valid, seed=0) -> RoundContext:
+    return RoundContext(
+        global_flat=jnp.asarray(g, jnp.float32),
+        round=jnp.asarray(0, jnp.int32),
+        key=jax.random.key(seed),
+        n_samples=jnp.full((n,), 100.0, jnp.float32),
+        valid=jnp.asarray(valid),
+        client_ids=jnp.arange(n, dtype=jnp.int32),
+    )
+
+
+def _run(name, env, w, ctx, **opts):
+    init, aggregate = _build(name, env, **opts)
+    out, _, info = aggregate(jnp.asarray(w, jnp.float32), init(ctx.global_flat), ctx)
+    return np.asarray(out), np.asarray(info.client_weights)
+
+
+def planted(n, n_bad, seed, kind="flip", invalid=False):
+    """g, client models and valid mask: benign updates share a direction; the last n_bad
+    clients are attackers (kind: 'flip' = opposite direction, 'scale' = 8x larger norm,
+    'offdir' = a common other direction)."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=D)
+    base = rng.normal(size=D)
+    upd = 0.3 * (base[None, :] + 0.6 * rng.normal(size=(n, D)))
+    upd *= rng.uniform(0.5, 1.5, size=(n, 1))
+    other = rng.normal(size=D)
+    for i in range(n - n_bad, n):
+        if kind == "flip":
+            upd[i] = -upd[i]
+        elif kind == "scale":
+            upd[i] *= 8.0
+        else:
+            upd[i] = 0.3 * (other + 0.05 * rng.normal(size=D))
+    w = g[None, :] + upd
+    valid = np.ones(n, bool)
+    if invalid:
+        valid[1] = False
+        w[1] = g  # what the engine hands over for a non-finite row
+    return g.astype(np.float32), w.astype(np.float32), valid
+
+
+# ----------------------------------------------------------------------------- FLAME
+
+
+@pytest.mark.parametrize(
+    ("n", "n_bad", "kind", "invalid"),
+    [
+        (10, 3, "flip", False),
+        (10, 4, "offdir", True),
+        (7, 2, "scale", False),
+        (3, 0, "flip", False),
+    ],
+)
+def test_flame_matches_oracle(n, n_bad, kind, invalid):
+    g, w, valid = planted(n, n_bad, seed=n + n_bad, kind=kind, invalid=invalid)
+    ctx = _ctx(g, n, valid, seed=4)
+    out, weights = _run("flame", _env(n), w, ctx, noise_lambda=0.0)
+    exp, exp_w, admitted = flame_oracle.flame(w, g, valid, PARAM_MASK)
+    np.testing.assert_array_equal(weights > 0, admitted)
+    np.testing.assert_allclose(weights, exp_w, atol=1e-6)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    if kind in ("flip", "offdir"):  # the attacker group leaves the majority cluster
+        assert not admitted[n - n_bad :].any()
+
+
+def test_flame_noise_is_lambda_times_median_norm():
+    n = 10
+    g, w, valid = planted(n, 3, seed=1)
+    ctx = _ctx(g, n, valid, seed=9)
+    out, weights = _run("flame", _env(n), w, ctx, noise_lambda=0.5)
+    # The rule draws its noise as N(0, I) from ctx.key; the oracle scales it by λ·S.
+    z = np.asarray(jax.random.normal(ctx.key, (D,), jnp.float32))
+    exp, exp_w, _ = flame_oracle.flame(w, g, valid, PARAM_MASK, noise=z, noise_lambda=0.5)
+    np.testing.assert_allclose(weights, exp_w, atol=1e-6)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    clean, _ = _run("flame", _env(n), w, ctx, noise_lambda=0.0)
+    np.testing.assert_array_equal(out[~PARAM_MASK], clean[~PARAM_MASK])  # no noise on stats
+    assert np.abs(out[PARAM_MASK] - clean[PARAM_MASK]).max() > 1e-3
+
+
+def test_flame_rejects_bad_options():
+    with pytest.raises(ValueError, match="noise_lambda=-1"):
+        get_aggregator("flame", _env(5), noise_lambda=-1.0)
+    with pytest.raises(ValueError, match="min_samples=0"):
+        get_aggregator("flame", _env(5), min_samples=0)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = dict(
+    clients=5, rounds=2, local_epochs=1, batch_size=16, gamma=0.2, eval_batch=150, model="mlp"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "opts", "check"),
+    [
+        (
+            "flame",
+            (("noise_lambda", "0.001"),),
+            # a majority (>= 3 of 5) admitted, each weight <= 1/L
+            lambda w: (w > 0).sum() >= 3 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
+        ),
+    ],
+)
+def test_two_round_simulation(blobs, name, opts, check):
+    cfg = Config(defense=name, attack="base", defense_opts=opts, **TINY)
+    res = run(cfg, blobs)
+    assert len(res.history) == 2
+    for row in res.history:
+        w = np.asarray(row["client_weights"])
+        assert w.shape == (5,) and np.all(np.isfinite(w)) and np.all(w >= 0)
+        assert check(w), w
+    last = res.history[-1]
+    for key in ("A", "R", "V"):
+        assert last[key] is not None and 0.0 <= last[key] <= 100.0
+    assert bool(jnp.all(jnp.isfinite(res.state.global_flat)))
