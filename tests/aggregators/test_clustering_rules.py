@@ -22,7 +22,7 @@ from spmc_jax.aggregators import get_aggregator
 from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
 from spmc_jax.config import Config
 from spmc_jax.engine import run
-from tests.reference import flame_oracle
+from tests.reference import flame_oracle, multi_metrics_oracle
 
 D = 40
 N_STATS = 5
@@ -135,6 +135,41 @@ def test_flame_rejects_bad_options():
         get_aggregator("flame", _env(5), min_samples=0)
 
 
+# ----------------------------------------------------------------------------- Multi-Metrics
+
+
+@pytest.mark.parametrize(
+    ("n", "n_bad", "kind", "invalid", "p", "reference_metrics"),
+    [
+        (10, 3, "scale", False, 0.3, False),
+        (12, 3, "offdir", True, 0.5, False),
+        (10, 2, "flip", False, 0.6, True),
+    ],
+)
+def test_multi_metrics_matches_oracle(n, n_bad, kind, invalid, p, reference_metrics):
+    g, w, valid = planted(n, n_bad, seed=20 + n, kind=kind, invalid=invalid)
+    ctx = _ctx(g, n, valid)
+    opts = dict(p=p, reference_metrics=reference_metrics)
+    out, weights = _run("multi_metrics", _env(n), w, ctx, **opts)
+    exp, exp_w, scores = multi_metrics_oracle.multi_metrics(w, g, valid, PARAM_MASK, **opts)
+    # The kept set must be the oracle's, and clear of a near-tie at the cut.
+    k = int((exp_w > 0).sum())
+    ranked = np.sort(scores[valid])
+    assert ranked[k] - ranked[k - 1] > 1e-3 * ranked[k]
+    np.testing.assert_array_equal(weights > 0, exp_w > 0)
+    np.testing.assert_allclose(weights, exp_w, atol=1e-7)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    assert weights[~valid].sum() == 0
+    if kind == "scale":
+        assert weights[n - n_bad :].sum() == 0  # 8x-norm attackers score highest
+
+
+def test_multi_metrics_rejects_bad_p():
+    for p in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"p={p}"):
+            get_aggregator("multi_metrics", _env(5), p=p)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(
@@ -151,6 +186,8 @@ TINY = dict(
             # a majority (>= 3 of 5) admitted, each weight <= 1/L
             lambda w: (w > 0).sum() >= 3 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
         ),
+        # floor(0.4 * 5) = 2 clients kept, uniformly
+        ("multi_metrics", (("p", "0.4"),), lambda w: np.allclose(np.sort(w), [0, 0, 0, 0.5, 0.5])),
     ],
 )
 def test_two_round_simulation(blobs, name, opts, check):
