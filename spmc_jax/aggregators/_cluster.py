@@ -14,7 +14,8 @@ jitted round. They are tested against scikit-learn (`sklearn.cluster.HDBSCAN`,
   selection, with the labelling of scikit-learn/hdbscan (`allow_single_cluster`: a point
   of the root cluster is labelled iff it leaves at the root's largest λ).
 * `kmeans`: Lloyd's algorithm from given initial centres (labels to convergence);
-  `farthest_point_init` gives deterministic initial centres.
+  `farthest_point_init` gives deterministic initial centres. `two_means_1d`: the exact
+  optimal 2-means split of each column (a sorted-prefix scan), for per-feature clustering.
 * `pca`: principal components via the SVD of the centred data, with scikit-learn's sign
   convention (the largest-magnitude entry of each component is positive).
 
@@ -290,7 +291,9 @@ def kmeans(
     valid = jnp.ones((n,), bool) if valid is None else valid
 
     def assign(c):
-        d2 = jnp.sum((x[:, None, :] - c[None, :, :]) ** 2, axis=-1)
+        # ‖x − c‖² up to the row constant ‖x‖²: (n, k) memory, not (n, k, p).
+        cross = jnp.matmul(x, c.T, precision=jax.lax.Precision.HIGHEST)
+        d2 = jnp.sum(c**2, axis=1)[None, :] - 2.0 * cross
         return jnp.argmin(d2, axis=1).astype(jnp.int32)
 
     def update(labels, c):
@@ -313,6 +316,41 @@ def kmeans(
         cond, body, (jnp.asarray(0), lab0, lab0, init_centers.astype(x.dtype))
     )
     return jnp.where(valid, labels, NOISE).astype(jnp.int32), centers
+
+
+def two_means_1d(values: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Distance between the two centres of the optimal 2-means split of each column.
+
+    In one dimension the optimal 2-means clusters are a split of the sorted values into a
+    lower and an upper run, so the global optimum (what scikit-learn's `KMeans(2)` finds
+    with enough restarts) is the split s maximising S_s²/s + (S_m − S_s)²/(m − s) over
+    the m valid values (S_s: sum of the s smallest). Columns are independent.
+
+    Args:
+      values: (n, d): n points per column, d columns.
+      valid: optional (n,) bool rows to use.
+
+    Returns:
+      (d,) μ_upper − μ_lower ≥ 0 (0 when fewer than 2 valid rows).
+    """
+    n = values.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid
+    m = jnp.sum(valid)
+    mean = jnp.sum(jnp.where(valid[:, None], values, 0.0), 0) / jnp.maximum(m, 1)
+    v = jnp.where(valid[:, None], values - mean, jnp.inf)  # invalid rows sort last
+    v = jnp.sort(v, axis=0)
+    v = jnp.where(jnp.arange(n)[:, None] < m, v, 0.0)
+    prefix = jnp.cumsum(v, axis=0)[:-1]  # S_s for s = 1..n-1
+    total = jnp.sum(v, axis=0)
+    s = jnp.arange(1, n, dtype=values.dtype)[:, None]
+    rest = jnp.maximum(m - s, 1)
+    gain = prefix**2 / s + (total - prefix) ** 2 / rest
+    gain = jnp.where(s < m, gain, -jnp.inf)
+    best = jnp.argmax(gain, axis=0)
+    sb = s[best, 0]
+    sl = jnp.take_along_axis(prefix, best[None, :], axis=0)[0]
+    gap = (total - sl) / jnp.maximum(m - sb, 1) - sl / sb
+    return jnp.where(m >= 2, gap, 0.0)
 
 
 def pca(

@@ -22,7 +22,7 @@ from spmc_jax.aggregators import get_aggregator
 from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
 from spmc_jax.config import Config
 from spmc_jax.engine import run
-from tests.reference import flame_oracle, multi_metrics_oracle
+from tests.reference import auror_oracle, flame_oracle, multi_metrics_oracle
 
 D = 40
 N_STATS = 5
@@ -170,6 +170,43 @@ def test_multi_metrics_rejects_bad_p():
             get_aggregator("multi_metrics", _env(5), p=p)
 
 
+# ----------------------------------------------------------------------------- Auror
+
+
+@pytest.mark.parametrize(
+    ("n", "n_bad", "kind", "invalid", "alpha"),
+    [(10, 3, "offdir", False, 0.3), (9, 2, "flip", True, 0.5), (8, 0, "flip", False, 5.0)],
+)
+def test_auror_matches_oracle(n, n_bad, kind, invalid, alpha):
+    g, w, valid = planted(n, n_bad, seed=40 + n, kind=kind, invalid=invalid)
+    ctx = _ctx(g, n, valid)
+    out, weights = _run("auror", _env(n), w, ctx, alpha=alpha)
+    exp, exp_w, gaps = auror_oracle.auror(w, g, valid, PARAM_MASK, alpha)
+    assert np.min(np.abs(gaps - alpha)) > 1e-4  # no feature decision near the threshold
+    np.testing.assert_allclose(weights, exp_w, atol=1e-7)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    if n_bad:
+        assert weights[n - n_bad :].sum() == 0 and (weights > 0).sum() == valid.sum() - n_bad
+    else:  # α above every feature gap: no indicative feature, plain mean of the valid
+        np.testing.assert_allclose(weights, 1.0 / n, atol=1e-7)
+
+
+def test_two_means_1d_is_the_optimal_split():
+    from spmc_jax.aggregators._cluster import two_means_1d
+
+    rng = np.random.default_rng(5)
+    u = rng.normal(size=(9, 12)) * rng.uniform(0.1, 3, size=12)
+    valid = np.ones(9, bool)
+    valid[4] = False
+    got = np.asarray(two_means_1d(jnp.asarray(u, jnp.float32), jnp.asarray(valid)))
+    np.testing.assert_allclose(got, auror_oracle.feature_gaps(u[valid]), atol=1e-5)
+
+
+def test_auror_rejects_bad_alpha():
+    with pytest.raises(ValueError, match="alpha=0"):
+        get_aggregator("auror", _env(5), alpha=0.0)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(
@@ -186,6 +223,8 @@ TINY = dict(
             # a majority (>= 3 of 5) admitted, each weight <= 1/L
             lambda w: (w > 0).sum() >= 3 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
         ),
+        # a uniform mean over the kept clients, a majority
+        ("auror", (("alpha", "0.02"),), lambda w: (w > 0).sum() >= 3 and np.ptp(w[w > 0]) < 1e-7),
         # floor(0.4 * 5) = 2 clients kept, uniformly
         ("multi_metrics", (("p", "0.4"),), lambda w: np.allclose(np.sort(w), [0, 0, 0, 0.5, 0.5])),
     ],
