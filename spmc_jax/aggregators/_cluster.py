@@ -271,6 +271,7 @@ def kmeans(
     init_centers: jax.Array,
     valid: jax.Array | None = None,
     max_iter: int = 300,
+    n_active: int | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Lloyd's k-means from `init_centers` until the assignment stops changing.
 
@@ -283,6 +284,8 @@ def kmeans(
       init_centers: (k, p) initial centres.
       valid: optional (n,) bool; invalid points get label −1 and move no centre.
       max_iter: bound on the Lloyd iterations.
+      n_active: use only the first `n_active` centres (may be traced, e.g. to run every
+        k ≤ k_max under one `vmap`); the others are never assigned. Default: all.
 
     Returns:
       (labels (n,) int32, centres (k, p)).
@@ -294,6 +297,8 @@ def kmeans(
         # ‖x − c‖² up to the row constant ‖x‖²: (n, k) memory, not (n, k, p).
         cross = jnp.matmul(x, c.T, precision=jax.lax.Precision.HIGHEST)
         d2 = jnp.sum(c**2, axis=1)[None, :] - 2.0 * cross
+        if n_active is not None:
+            d2 = jnp.where(jnp.arange(c.shape[0])[None, :] < n_active, d2, jnp.inf)
         return jnp.argmin(d2, axis=1).astype(jnp.int32)
 
     def update(labels, c):

@@ -22,7 +22,7 @@ from spmc_jax.aggregators import get_aggregator
 from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
 from spmc_jax.config import Config
 from spmc_jax.engine import run
-from tests.reference import auror_oracle, flame_oracle, multi_metrics_oracle
+from tests.reference import auror_oracle, flame_oracle, multi_metrics_oracle, rflbat_oracle
 
 D = 40
 N_STATS = 5
@@ -207,6 +207,35 @@ def test_auror_rejects_bad_alpha():
         get_aggregator("auror", _env(5), alpha=0.0)
 
 
+# ----------------------------------------------------------------------------- RFLBAT
+
+
+@pytest.mark.parametrize(
+    ("n", "n_bad", "kind", "invalid", "split"),
+    [(10, 3, "offdir", False, True), (10, 3, "offdir", True, None), (10, 2, "scale", False, None)],
+)
+def test_rflbat_matches_oracle(n, n_bad, kind, invalid, split):
+    from spmc_jax.aggregators.rflbat import reference_sets
+
+    g, w, valid = planted(n, n_bad, seed=60 + n, kind=kind, invalid=invalid)
+    ctx = _ctx(g, n, valid, seed=2)
+    out, weights = _run("rflbat", _env(n), w, ctx)
+    refs = np.asarray(reference_sets(ctx.key, 5, n), np.float64)
+    exp, exp_w, k = rflbat_oracle.rflbat(w, g, valid, PARAM_MASK, refs)
+    np.testing.assert_allclose(weights, exp_w, atol=1e-7)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    assert weights[~valid].sum() == 0
+    if split:  # the gap statistic separates the tight attacker group (high cosine): dropped
+        assert k >= 2 and weights[n - n_bad :].sum() == 0
+
+
+def test_rflbat_rejects_bad_options():
+    with pytest.raises(ValueError, match="eps1=0"):
+        get_aggregator("rflbat", _env(5), eps1=0.0)
+    with pytest.raises(ValueError, match="k_max=0"):
+        get_aggregator("rflbat", _env(5), k_max=0)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(
@@ -225,6 +254,7 @@ TINY = dict(
         ),
         # a uniform mean over the kept clients, a majority
         ("auror", (("alpha", "0.02"),), lambda w: (w > 0).sum() >= 3 and np.ptp(w[w > 0]) < 1e-7),
+        ("rflbat", (("eps2", "4.0"),), lambda w: (w > 0).sum() >= 1 and np.ptp(w[w > 0]) < 1e-7),
         # floor(0.4 * 5) = 2 clients kept, uniformly
         ("multi_metrics", (("p", "0.4"),), lambda w: np.allclose(np.sort(w), [0, 0, 0, 0.5, 0.5])),
     ],
