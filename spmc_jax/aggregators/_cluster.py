@@ -111,9 +111,9 @@ def single_linkage(
 def hdbscan_precomputed(
     dist: jax.Array,
     min_cluster_size: int | jax.Array,
-    min_samples: int = 1,
+    min_samples: int | jax.Array = 1,
     valid: jax.Array | None = None,
-    allow_single_cluster: bool = False,
+    allow_single_cluster: bool | jax.Array = False,
 ) -> jax.Array:
     """HDBSCAN labels from a precomputed symmetric distance matrix (EOM selection).
 
@@ -125,9 +125,11 @@ def hdbscan_precomputed(
     Args:
       dist: (n, n) symmetric distances, zero diagonal; n >= 2 (static).
       min_cluster_size: smallest cluster (>= 2); may be traced (e.g. n_valid // 2 + 1).
-      min_samples: k of the core distance, the point itself included (static, >= 1).
+      min_samples: k of the core distance, the point itself included (1..n); may be
+        traced.
       valid: optional (n,) bool; invalid rows are left out (label −1).
-      allow_single_cluster: whether the root (all points) may be the one cluster.
+      allow_single_cluster: whether the root (all points) may be the one cluster; may be
+        traced (so one compilation serves every setting).
 
     Returns:
       (n,) int32 labels: −1 for noise, clusters numbered 0.. (arbitrary order).
@@ -135,13 +137,14 @@ def hdbscan_precomputed(
     n = dist.shape[0]
     if n < 2:
         raise ValueError(f"hdbscan_precomputed needs n >= 2 points, got n={n}")
-    if not 1 <= min_samples <= n:
+    if isinstance(min_samples, int) and not 1 <= min_samples <= n:
         raise ValueError(f"hdbscan_precomputed: min_samples={min_samples}; accepted: 1..n={n}")
     valid = jnp.ones((n,), bool) if valid is None else valid
     eye = jnp.eye(n, dtype=bool)
     pair = valid[:, None] & valid[None, :]
     d = jnp.where(eye, 0.0, jnp.where(pair, dist, jnp.inf))
-    core = jnp.sort(d, axis=1)[:, min_samples - 1]
+    k = jnp.clip(jnp.asarray(min_samples) - 1, 0, n - 1)
+    core = jnp.take(jnp.sort(d, axis=1), k, axis=1)
     mr = jnp.maximum(d, jnp.maximum(core[:, None], core[None, :]))
     mr = jnp.where(pair, mr, jnp.inf)
 

@@ -10,7 +10,6 @@ Tolerances: PCA projections 1e-4 absolute on O(1) values (float32 SVD of a 12×6
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import jax
@@ -29,13 +28,26 @@ from spmc_jax.aggregators._cluster import (
     pca,
 )
 
-_hdbscan = jax.jit(hdbscan_precomputed, static_argnames=("min_samples", "allow_single_cluster"))
+
+@jax.jit
+def _hdbscan_batch(dists, mcs, min_samples, single, valid):
+    """Every setting is traced, so each matrix size compiles once."""
+    return jax.vmap(hdbscan_precomputed)(dists, mcs, min_samples, valid, single)
+
+
+def _hdbscan(dist, mcs, min_samples=1, valid=None, single=False):
+    n = dist.shape[0]
+    valid = np.ones(n, bool) if valid is None else valid
+    return _hdbscan_batch(
+        jnp.asarray(dist, jnp.float32)[None],
+        jnp.asarray([mcs]),
+        jnp.asarray([min_samples]),
+        jnp.asarray([single]),
+        jnp.asarray(valid)[None],
+    )[0]
+
+
 _kmeans = jax.jit(kmeans)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _hdbscan_batch(dists, mcs, min_samples, single):
-    return jax.vmap(lambda d, m: hdbscan_precomputed(d, m, min_samples, None, single))(dists, mcs)
 
 
 def same_partition(a, b) -> bool:
@@ -80,28 +92,34 @@ def test_hdbscan_matches_sklearn(n):
         rng = np.random.default_rng(seed)
         x = _adversarial(rng, n) if seed % 3 == 0 else _blobs(rng, n, 1 + seed % 4)
         dists.append(cdist(x, x))
-    sizes = sorted({2, 3, n // 2 + 1})
-    cases = [(d, mcs) for d in dists for mcs in sizes]
-    batch_d = jnp.asarray(np.stack([d for d, _ in cases]), jnp.float32)
-    batch_mcs = jnp.asarray([mcs for _, mcs in cases])
-    for ms in (1, 2):
-        for single in (False, True):
-            # One vmapped call per static setting: min_cluster_size is traced.
-            got = _hdbscan_batch(batch_d, batch_mcs, ms, single)
-            for (dist, mcs), labels in zip(cases, np.asarray(got), strict=True):
-                ref = sk_hdbscan(dist, mcs, ms, single)
-                assert same_partition(ref, labels), (mcs, ms, single, ref, labels)
+    cases = [
+        (d, mcs, ms, single)
+        for d in dists
+        for mcs in sorted({2, 3, n // 2 + 1})
+        for ms in (1, 2)
+        for single in (False, True)
+    ]
+    got = _hdbscan_batch(  # one vmapped call for all cases
+        jnp.asarray(np.stack([c[0] for c in cases]), jnp.float32),
+        jnp.asarray([c[1] for c in cases]),
+        jnp.asarray([c[2] for c in cases]),
+        jnp.asarray([c[3] for c in cases]),
+        jnp.ones((len(cases), n), bool),
+    )
+    for (dist, mcs, ms, single), labels in zip(cases, np.asarray(got), strict=True):
+        ref = sk_hdbscan(dist, mcs, ms, single)
+        assert same_partition(ref, labels), (mcs, ms, single, ref, labels)
 
 
 def test_hdbscan_finds_planted_clusters_and_noise():
     rng = np.random.default_rng(0)
     x = np.concatenate(
-        [rng.normal(size=(6, 3)), 10 + 0.1 * rng.normal(size=(5, 3)), [[50.0, -50, 50]]]
+        [rng.normal(size=(8, 3)), 10 + 0.1 * rng.normal(size=(7, 3)), [[50.0, -50, 50]]]
     )
-    labels = np.asarray(_hdbscan(jnp.asarray(cdist(x, x), jnp.float32), 3, 1, None, False))
-    assert len(set(labels[:6].tolist())) == 1 and len(set(labels[6:11].tolist())) == 1
-    assert labels[0] != labels[6] and labels[0] >= 0 and labels[6] >= 0
-    assert labels[11] == -1
+    labels = np.asarray(_hdbscan(cdist(x, x), 3))
+    assert len(set(labels[:8].tolist())) == 1 and len(set(labels[8:15].tolist())) == 1
+    assert labels[0] != labels[8] and labels[0] >= 0 and labels[8] >= 0
+    assert labels[15] == -1
 
 
 def test_hdbscan_valid_mask_equals_sklearn_on_the_valid_rows():
@@ -118,16 +136,14 @@ def test_hdbscan_valid_mask_equals_sklearn_on_the_valid_rows():
         n_valid = int(valid.sum())
         for mcs, single in ((3, False), (n_valid // 2 + 1, True)):
             ref = sk_hdbscan(dist[np.ix_(valid, valid)], mcs, 1, single)
-            got = np.asarray(
-                _hdbscan(jnp.asarray(dist_bad, jnp.float32), mcs, 1, jnp.asarray(valid), single)
-            )
+            got = np.asarray(_hdbscan(dist_bad, mcs, 1, valid, single))
             assert np.all(got[~valid] == -1)
             assert same_partition(ref, got[valid]), (seed, mcs, ref, got)
 
 
 def test_hdbscan_duplicates_form_one_cluster():
     dist = np.zeros((7, 7), np.float32)
-    labels = np.asarray(_hdbscan(jnp.asarray(dist), 3, 1, None, True))
+    labels = np.asarray(_hdbscan(dist, 3, 1, None, True))
     np.testing.assert_array_equal(labels, 0)
 
 
