@@ -795,7 +795,7 @@ class Simulation:
         return get_aggregator(self.cfg.defense, env, inputs_sanitized=True, **self.defense_opts)
 
     def init_state(self) -> RunState:
-        agg = self.aggregator(None)
+        agg = self.aggregator(self.data)  # proxy rules refuse to build without proxy data
         if not self.cfg.uses_spmc_client:
             teachers, ids = jnp.zeros((1, 1), jnp.float32), jnp.full((1,), -1, jnp.int32)
         elif self.cfg.spmc_teachers == "all":

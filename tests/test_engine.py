@@ -129,3 +129,15 @@ def test_bfloat16_compute_runs_with_float32_state(blobs):
     upd = np.abs(g32 - np.asarray(r32.sim.init_flat)).max()
     assert np.abs(g16 - g32).max() < 0.25 * upd
     assert r16.history[0]["A"] == pytest.approx(r32.history[0]["A"], abs=10.0)
+
+
+@pytest.mark.parametrize("defense", ["sageflow", "finetuning", "fltrust"])
+def test_proxy_rules_run_through_the_engine(blobs, defense):
+    """Rules that need the server's proxy data build at init_state too (SageFlow refuses to
+    build without it) and produce a trained, finite model."""
+    opts = (("public_epochs", "1"),) if defense == "fltrust" else ()
+    cfg = Config(defense=defense, model="mlp", defense_opts=opts, **{**TINY, "rounds": 1})
+    h = _history(cfg, blobs)[-1]
+    w = np.asarray(h["client_weights"])
+    assert w.shape == (4,) and np.isfinite(w).all()
+    assert h["A"] is not None and h["A"] > 10.0
