@@ -11,6 +11,7 @@ Which clients are kept must match exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,7 +23,15 @@ from spmc_jax.aggregators import get_aggregator
 from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
 from spmc_jax.config import Config
 from spmc_jax.engine import run
-from tests.reference import auror_oracle, flame_oracle, multi_metrics_oracle, rflbat_oracle
+from tests.reference import (
+    auror_oracle,
+    deepsight_oracle,
+    flame_oracle,
+    multi_metrics_oracle,
+    rflbat_oracle,
+)
+
+from .conftest import FakeProxy, make_env
 
 D = 40
 N_STATS = 5
@@ -236,6 +245,63 @@ def test_rflbat_rejects_bad_options():
         get_aggregator("rflbat", _env(5), k_max=0)
 
 
+# ----------------------------------------------------------------------------- DeepSight
+
+
+def deepsight_clients(n, n_bad, seed, invalid=False):
+    """Benign updates close to a shared one, spread over every output neuron; the last
+    n_bad push most of their output-layer energy into one neuron (a backdoor target) with
+    a shared direction. Two well-separated groups in every view, so that the ensemble
+    distances (multiples of 1/5) have no ambiguous ties."""
+    rng = np.random.default_rng(seed)
+    g = 0.5 * rng.normal(size=D)
+    upd = 0.2 * (rng.normal(size=D)[None, :] + 0.05 * rng.normal(size=(n, D)))
+    f, c = FakeProxy.N_FEATURES, FakeProxy.N_CLASSES
+    target = np.zeros((f, c))
+    target[:, 1] = rng.normal(size=f)
+    for i in range(n - n_bad, n):
+        kernel = 0.02 * rng.normal(size=(f, c)) + 1.5 * target
+        upd[i, : f * c] = kernel.ravel()
+        upd[i, f * c : f * c + c] = [0.01, 1.0, 0.01] + 0.005 * rng.normal(size=c)
+    w = g[None, :] + upd
+    valid = np.ones(n, bool)
+    if invalid:
+        valid[0] = False
+        w[0] = g
+    return g.astype(np.float32), w.astype(np.float32), valid
+
+
+@pytest.mark.parametrize(("n", "n_bad", "invalid"), [(10, 3, False), (10, 3, True)])
+def test_deepsight_matches_oracle(n, n_bad, invalid):
+    env = _deepsight_env(n)
+    g, w, valid = deepsight_clients(n, n_bad, seed=7 + int(invalid), invalid=invalid)
+    ctx = _ctx(g, n, valid, seed=3)
+    out, weights = _run("deepsight", env, w, ctx, n_samples=64)
+    f, c = FakeProxy.N_FEATURES, FakeProxy.N_CLASSES
+    xs = np.asarray(jax.random.normal(ctx.key, (3, 64, f)))  # the rule's DDif inputs
+    exp, exp_w, suspicious, accepted = deepsight_oracle.deepsight(
+        w, g, valid, PARAM_MASK, slice(0, f * c), (f, c), slice(f * c, f * c + c), xs
+    )
+    np.testing.assert_array_equal(weights > 0, accepted)
+    np.testing.assert_allclose(weights, exp_w, atol=1e-6)
+    np.testing.assert_allclose(out, exp, atol=ATOL, rtol=RTOL)
+    assert suspicious[n - n_bad :].all() and not suspicious[: n - n_bad].any()
+    assert not accepted[n - n_bad :].any()
+
+
+@functools.cache
+def _deepsight_env(n):
+    return make_env(n, D, param_mask=PARAM_MASK)
+
+
+def test_deepsight_needs_the_output_layer():
+    env = dataclasses.replace(_deepsight_env(5), output_layer="cls")
+    with pytest.raises(ValueError, match="output_layer='cls'"):
+        get_aggregator("deepsight", env)
+    with pytest.raises(ValueError, match="tau=0"):
+        get_aggregator("deepsight", _deepsight_env(5), tau=0.0)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(
@@ -255,6 +321,12 @@ TINY = dict(
         # a uniform mean over the kept clients, a majority
         ("auror", (("alpha", "0.02"),), lambda w: (w > 0).sum() >= 3 and np.ptp(w[w > 0]) < 1e-7),
         ("rflbat", (("eps2", "4.0"),), lambda w: (w > 0).sum() >= 1 and np.ptp(w[w > 0]) < 1e-7),
+        # clipped weights gamma_i / L (<= 1/L each), at least one client accepted
+        (
+            "deepsight",
+            (("n_samples", "32"),),
+            lambda w: (w > 0).sum() >= 1 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
+        ),
         # floor(0.4 * 5) = 2 clients kept, uniformly
         ("multi_metrics", (("p", "0.4"),), lambda w: np.allclose(np.sort(w), [0, 0, 0, 0.5, 0.5])),
     ],
