@@ -153,9 +153,10 @@ def deepsight(
         def cluster(dist):
             return hdbscan_precomputed(dist, mcs, 1, valid, allow_single_cluster=True)
 
-        labelings = [cluster(cosine_distances(db)), cluster(_euclidean(neups))]
-        labelings += [cluster(_euclidean(dd[:, s])) for s in range(n_seeds)]
-        labels = cluster(ensemble_distance(jnp.stack(labelings)))
+        dists = [cosine_distances(db), _euclidean(neups)]
+        dists += [_euclidean(dd[:, s]) for s in range(n_seeds)]
+        labelings = jax.vmap(cluster)(jnp.stack(dists))  # one HDBSCAN compilation
+        labels = cluster(ensemble_distance(labelings))
         accepted = deepsight_accept(labels, suspicious, valid, tau)
 
         norms = jnp.linalg.norm(jnp.where(mask[None, :], deltas, 0.0), axis=1)

@@ -10,6 +10,7 @@ Tolerances: PCA projections 1e-4 absolute on O(1) values (float32 SVD of a 12×6
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -28,8 +29,11 @@ from spmc_jax.aggregators._cluster import (
     pca,
 )
 
+# XLA backend optimisations only change fusion/rounding; skipping them cuts compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-@jax.jit
+
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 def _hdbscan_batch(dists, mcs, min_samples, single, valid):
     """Every setting is traced, so each matrix size compiles once."""
     return jax.vmap(hdbscan_precomputed)(dists, mcs, min_samples, valid, single)
@@ -47,7 +51,7 @@ def _hdbscan(dist, mcs, min_samples=1, valid=None, single=False):
     )[0]
 
 
-_kmeans = jax.jit(kmeans)
+_kmeans = jax.jit(kmeans, compiler_options=FAST_COMPILE)
 
 
 def same_partition(a, b) -> bool:

@@ -38,6 +38,9 @@ N_STATS = 5
 PARAM_MASK = np.arange(D) < D - N_STATS
 ATOL = 2e-5
 RTOL = 1e-5
+# Compile time dominates these tests; XLA's backend optimisations change only fusion and
+# ulp-level rounding (inside ATOL), as in test_contract.py.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @functools.cache
@@ -52,7 +55,7 @@ def _build(name, env, **opts):
     key = (name, id(env), tuple(sorted(opts.items())))
     if key not in _BUILT:
         agg = get_aggregator(name, env, **opts)
-        _BUILT[key] = (agg.init, jax.jit(agg.aggregate))
+        _BUILT[key] = (agg.init, jax.jit(agg.aggregate, compiler_options=FAST_COMPILE))
     return _BUILT[key]
 
 
@@ -106,8 +109,7 @@ def planted(n, n_bad, seed, kind="flip", invalid=False):
     [
         (10, 3, "flip", False),
         (10, 4, "offdir", True),
-        (7, 2, "scale", False),
-        (3, 0, "flip", False),
+        (10, 2, "scale", False),
     ],
 )
 def test_flame_matches_oracle(n, n_bad, kind, invalid):
@@ -151,7 +153,7 @@ def test_flame_rejects_bad_options():
     ("n", "n_bad", "kind", "invalid", "p", "reference_metrics"),
     [
         (10, 3, "scale", False, 0.3, False),
-        (12, 3, "offdir", True, 0.5, False),
+        (10, 3, "offdir", True, 0.4, False),
         (10, 2, "flip", False, 0.6, True),
     ],
 )
@@ -184,7 +186,7 @@ def test_multi_metrics_rejects_bad_p():
 
 @pytest.mark.parametrize(
     ("n", "n_bad", "kind", "invalid", "alpha"),
-    [(10, 3, "offdir", False, 0.3), (9, 2, "flip", True, 0.5), (8, 0, "flip", False, 5.0)],
+    [(10, 3, "offdir", False, 0.3), (10, 2, "flip", True, 0.3), (10, 0, "flip", False, 5.0)],
 )
 def test_auror_matches_oracle(n, n_bad, kind, invalid, alpha):
     g, w, valid = planted(n, n_bad, seed=40 + n, kind=kind, invalid=invalid)
@@ -305,7 +307,7 @@ def test_deepsight_needs_the_output_layer():
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(
-    clients=5, rounds=2, local_epochs=1, batch_size=16, gamma=0.2, eval_batch=150, model="mlp"
+    clients=4, rounds=2, local_epochs=1, batch_size=16, gamma=0.25, eval_batch=150, model="mlp"
 )
 
 
@@ -315,7 +317,7 @@ TINY = dict(
         (
             "flame",
             (("noise_lambda", "0.001"),),
-            # a majority (>= 3 of 5) admitted, each weight <= 1/L
+            # a majority (>= 3 of 4) admitted, each weight <= 1/L
             lambda w: (w > 0).sum() >= 3 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
         ),
         # a uniform mean over the kept clients, a majority
@@ -327,8 +329,8 @@ TINY = dict(
             (("n_samples", "32"),),
             lambda w: (w > 0).sum() >= 1 and w.max() <= 1.0 / (w > 0).sum() + 1e-6,
         ),
-        # floor(0.4 * 5) = 2 clients kept, uniformly
-        ("multi_metrics", (("p", "0.4"),), lambda w: np.allclose(np.sort(w), [0, 0, 0, 0.5, 0.5])),
+        # floor(0.5 * 4) = 2 clients kept, uniformly
+        ("multi_metrics", (("p", "0.5"),), lambda w: np.allclose(np.sort(w), [0, 0, 0.5, 0.5])),
     ],
 )
 def test_two_round_simulation(blobs, name, opts, check):
@@ -337,7 +339,7 @@ def test_two_round_simulation(blobs, name, opts, check):
     assert len(res.history) == 2
     for row in res.history:
         w = np.asarray(row["client_weights"])
-        assert w.shape == (5,) and np.all(np.isfinite(w)) and np.all(w >= 0)
+        assert w.shape == (4,) and np.all(np.isfinite(w)) and np.all(w >= 0)
         assert check(w), w
     last = res.history[-1]
     for key in ("A", "R", "V"):
