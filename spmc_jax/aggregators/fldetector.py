@@ -119,18 +119,18 @@ def fldetector(
     win = int(window)
 
     def init(global_flat):
-        d = global_flat.shape[0]
-        z = jnp.zeros((win, d), jnp.float32)
+        d, dt = global_flat.shape[0], global_flat.dtype  # float64 under x64
+        z = jnp.zeros((win, d), dt)
         return FLDetectorState(
-            last_update=jnp.zeros((n_reg, d), jnp.float32),
+            last_update=jnp.zeros((n_reg, d), dt),
             has_last=jnp.zeros(n_reg, bool),
-            scores=jnp.zeros((win, n_reg), jnp.float32),
+            scores=jnp.zeros((win, n_reg), dt),
             scored=jnp.zeros((win, n_reg), bool),
             s=z,
             y=z,
             n_pairs=jnp.int32(0),
-            prev_global=jnp.zeros(d, jnp.float32),
-            prev_agg=jnp.zeros(d, jnp.float32),
+            prev_global=jnp.zeros(d, dt),
+            prev_agg=jnp.zeros(d, dt),
             rounds_seen=jnp.int32(0),
         )
 

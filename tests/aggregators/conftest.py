@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from spmc_jax.aggregators.base import AggregatorEnv, RoundContext
+from spmc_jax.flat import LeafInfo
 
 
 class FakeProxy:
@@ -48,6 +49,14 @@ class FakeProxy:
     def _loss(self, head: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
         logp = jax.nn.log_softmax(self._logits(head, x))
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    def logits(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        """Logits (B, C) of the linear model in `flat` on inputs x (B, N_FEATURES)."""
+        return self._logits(self._head(flat), x)
+
+    def inputs(self) -> tuple[jax.Array, jax.Array]:
+        """The proxy set: inputs (P, N_FEATURES) and labels (P,)."""
+        return self.x, self.y
 
     def loss_entropy(self, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Mean cross-entropy and mean prediction entropy on the proxy set."""
@@ -98,6 +107,23 @@ def make_param_mask(d: int, n_stats: int | None = None) -> np.ndarray:
     return mask
 
 
+def fake_layout(d: int, param_mask: np.ndarray) -> tuple[LeafInfo, ...]:
+    """A `Flattener.layout` matching FakeProxy: its output layer "out" (kernel (F, C), bias
+    (C,)) first, then one hidden tensor up to the statistics, then the statistics."""
+    f, c = FakeProxy.N_FEATURES, FakeProxy.N_CLASSES
+    n_params = int(np.sum(param_mask))
+    out = [
+        LeafInfo("['params']['out']['kernel']", 0, f * c, (f, c), True),
+        LeafInfo("['params']['out']['bias']", f * c, f * c + c, (c,), True),
+        LeafInfo(
+            "['params']['body']['kernel']", f * c + c, n_params, (n_params - f * c - c,), True
+        ),
+    ]
+    if n_params < d:
+        out.append(LeafInfo("['batch_stats']['bn']['mean']", n_params, d, (d - n_params,), False))
+    return tuple(out)
+
+
 def make_env(
     n: int,
     d: int,
@@ -109,15 +135,22 @@ def make_env(
     rounds: int = 50,
     total_clients: int | None = None,
 ) -> AggregatorEnv:
-    """An AggregatorEnv for n clients and d coordinates (fake proxy unless proxy=None)."""
+    """An AggregatorEnv for n clients and d coordinates (fake proxy unless proxy=None),
+    with the `fake_layout` (output layer "out") when d leaves room for it."""
+    param_mask = make_param_mask(d) if param_mask is None else param_mask
+    room = int(np.sum(param_mask)) > FakeProxy.N_COORDS and np.all(
+        param_mask[: int(np.sum(param_mask))]
+    )
     return AggregatorEnv(
         n_clients=n,
         num_malicious=num_malicious,
         lr=lr,
         rounds=rounds,
-        param_mask=make_param_mask(d) if param_mask is None else param_mask,
+        param_mask=param_mask,
         total_clients=total_clients,
         proxy=FakeProxy() if proxy == "fake" else proxy,
+        layout=fake_layout(d, param_mask) if room else (),
+        output_layer="out" if room else "",
     )
 
 

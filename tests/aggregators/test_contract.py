@@ -57,7 +57,10 @@ RTOL = 1e-5
 
 # Rules whose output legitimately depends on client order (name -> reason). Randomised rules
 # count as symmetric when the randomness (drawn from ctx.key) does not depend on the order.
-NOT_SYMMETRIC: dict[str, str] = {}
+NOT_SYMMETRIC: dict[str, str] = {
+    "deepsight": "the final HDBSCAN runs on ensemble distances that are multiples of 1/5; "
+    "tied merges are ordered by client index (as in the hdbscan library)",
+}
 
 # Rules for which n identical clients are NOT a fixed point (name -> reason).
 NOT_FIXED_POINT: dict[str, str] = {
@@ -67,6 +70,7 @@ NOT_FIXED_POINT: dict[str, str] = {
     "rsa": "a fixed-size sign step per coordinate, not an average of the client models",
     "lasa": "top-k sparsification zeroes 30% of every update's weight coordinates",
     "indicator": "the server plants its indicator task in the average (gradient steps)",
+    "flame": "Gaussian noise (sigma = noise_lambda * median update norm) is added",
 }
 
 # Rules that may give non-finite (sanitised) rows a non-zero weight (name -> reason).
