@@ -65,14 +65,6 @@ class FakeProxy:
         entropy = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=1))
         return self._loss(head, self.x, self.y), entropy
 
-    def inputs(self) -> tuple[jax.Array, jax.Array]:
-        """The proxy set (P, F) and its labels (P,)."""
-        return self.x, self.y
-
-    def logits(self, flat: jax.Array, x: jax.Array) -> jax.Array:
-        """Scores (B, C) of the linear model on x (B, F)."""
-        return self._logits(self._head(flat), x)
-
     def features(self, flat: jax.Array, x: jax.Array) -> jax.Array:
         """Penultimate stand-in (B, C): ReLU of the linear model's scores on x (B, F)."""
         return jax.nn.relu(self._logits(self._head(flat), x))
