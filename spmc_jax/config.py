@@ -434,6 +434,7 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
     """(AggregatorEnv, AttackEnv) with this run's facts and no data, for validation builds."""
     from spmc_jax.aggregators import AggregatorEnv
     from spmc_jax.attacks import AttackEnv
+    from spmc_jax.client import ModelOps
     from spmc_jax.data.types import INPUT_SHAPE, MEAN, STD
     from spmc_jax.models import OUTPUT_LAYERS
 
@@ -459,6 +460,7 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
         n_clients=cfg.n_per_round,
         lr=cfg.lr,
         param_mask=flat.param_mask,
+        model=ModelOps(flat, _ShapeOnlyProxy()._fail),
     )
     return agg_env, attack_env
 

@@ -30,10 +30,12 @@ from tests.reference import (
 TOL = 1e-10
 N, D, N_STATS = 5, 30, 4
 PARAM_MASK = np.arange(D) < D - N_STATS
-# Three "tensors" (two parameter tensors, one statistics tensor) for layer-wise rules.
+# Four "tensors" (three parameter tensors, one statistics tensor) for layer-wise rules.
+# Output layer "a": a 4x4 kernel and its 4 biases (deepsight reads them).
 LAYOUT = (
-    LeafInfo("['params']['a']['kernel']", 0, 16, (4, 4), True),
-    LeafInfo("['params']['a']['bias']", 16, D - N_STATS, (D - N_STATS - 16,), True),
+    LeafInfo("['params']['a']['bias']", 0, 4, (4,), True),
+    LeafInfo("['params']['a']['kernel']", 4, 20, (4, 4), True),
+    LeafInfo("['params']['b']['kernel']", 20, D - N_STATS, (D - N_STATS - 20,), True),
     LeafInfo("['batch_stats']['a']['mean']", D - N_STATS, D, (N_STATS,), False),
 )
 

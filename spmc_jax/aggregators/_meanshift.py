@@ -82,7 +82,7 @@ def mean_shift(
         def body(s):
             c, _, it, _ = s
             inside = within(c)
-            cnt = jnp.sum(inside)
+            cnt = jnp.sum(inside, dtype=jnp.int32)  # int32 carry under x64 too
             new = jnp.sum(jnp.where(inside[:, None], x, 0.0), axis=0) / jnp.maximum(cnt, 1)
             new = jnp.where(cnt > 0, new, c)
             done = (cnt == 0) | (jnp.linalg.norm(new - c) <= stop) | (it == max_iter)
