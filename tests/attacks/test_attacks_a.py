@@ -1,0 +1,281 @@
+"""Issue 15 part A attacks against float64 NumPy oracles (tests/reference/attacks_a_oracle.py)
+and 2-round runs through the real Simulation showing each one fired.
+
+The registry-wide contracts (unflagged samples / benign rows unchanged, determinism, the
+1-round CLI run) cover these attacks too: tests/attacks/test_{data,model}_attacks.py and
+tests/test_attacks_e2e.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmc_jax.attacks import AttackEnv, get_attack
+from spmc_jax.attacks.fang_krum import fang_krum_lambda
+from spmc_jax.attacks.mimic import mimic_index
+from spmc_jax.attacks.spmc_evade import evade_scale
+from tests.reference import attacks_a_oracle as oracle
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2615)
+ENV = AttackEnv((32, 32, 3), MEAN, STD, num_malicious=3, n_clients=10)
+# float32 round trip of an affine per-channel map on values of order 1-5.
+F32_ATOL = 1e-5
+
+
+def _batch(b=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, 32, 32, 3)).astype(np.float32)
+    y = (np.arange(b) % 10).astype(np.int32)
+    flags = np.arange(b) % 3 != 1
+    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(flags)
+
+
+def _apply(attack, x, y, flags, rank=0, key=0):
+    return jax.jit(attack.apply)(x, y, flags, jnp.int32(rank), jax.random.key(key))
+
+
+# ---------------------------------------------------------------------------- triggers
+
+
+@pytest.mark.parametrize(("opts", "origin"), [({}, (3, 23)), ({"row": 0, "col": 0}, (0, 0))])
+def test_pattern_matches_backdoors101_oracle(opts, origin):
+    attack = get_attack("pattern", ENV, **opts)
+    x, y, flags = _batch()
+    xo, yo = _apply(attack, x, y, flags)
+    f = np.asarray(flags)
+    want = oracle.stamp_cells(np.asarray(x), oracle.PATTERN_CELLS, *origin, MEAN, STD)
+    np.testing.assert_allclose(np.asarray(xo)[f], want[f], atol=F32_ATOL)
+    np.testing.assert_array_equal(np.asarray(xo)[~f], np.asarray(x)[~f])
+    np.testing.assert_array_equal(np.asarray(yo)[f], 2)
+    # Exactly the 9 pattern cells, on all 3 channels, changed.
+    assert int(np.sum(np.asarray(xo)[f][0] != np.asarray(x)[f][0])) == 27
+    xt, yt = attack.test(x, y)  # the backdoor test set: every image stamped
+    np.testing.assert_allclose(np.asarray(xt), want, atol=F32_ATOL)
+    np.testing.assert_array_equal(np.asarray(yt), 2)
+
+
+@pytest.mark.parametrize(
+    ("opts", "pix"),
+    [({}, (31, 31)), ({"position": "5,7"}, (5, 7)), ({"position": "top_left"}, (0, 0))],
+)
+def test_pixel_single_pixel_oracle(opts, pix):
+    attack = get_attack("pixel", ENV, target=4, **opts)
+    x, y, flags = _batch()
+    xo, yo = _apply(attack, x, y, flags)
+    f = np.asarray(flags)
+    want = oracle.stamp_cells(np.asarray(x), [(0, 0, 1.0)], *pix, MEAN, STD)
+    np.testing.assert_allclose(np.asarray(xo)[f], want[f], atol=F32_ATOL)
+    assert int(np.sum(np.asarray(xo)[f][0] != np.asarray(x)[f][0])) == 3
+    np.testing.assert_array_equal(np.asarray(yo)[f], 4)
+    xa, _ = _apply(get_attack("pixel", ENV, value=2.5, after_norm=True, **opts), x, y, flags)
+    np.testing.assert_array_equal(np.asarray(xa)[f][:, pix[0], pix[1], :], 2.5)
+
+
+def test_label_flip_targeted_oracle():
+    attack = get_attack("label_flip_targeted", ENV, source=1, target=7)
+    x, y, flags = _batch(b=30)
+    xo, yo = _apply(attack, x, y, flags)
+    np.testing.assert_array_equal(np.asarray(xo), np.asarray(x))
+    want = oracle.label_flip_targeted(np.asarray(y), np.asarray(flags), 1, 7)
+    np.testing.assert_array_equal(np.asarray(yo), want)
+    assert (want != np.asarray(y)).sum() == 2  # the flagged ones among the three 1s
+    default = get_attack("label_flip_targeted", ENV)
+    _, yd = _apply(default, x, y, flags)
+    np.testing.assert_array_equal(
+        np.asarray(yd), oracle.label_flip_targeted(np.asarray(y), np.asarray(flags), 5, 3)
+    )
+    assert default.test is None and default.target is None
+
+
+@pytest.mark.parametrize(
+    ("trigger", "twin"), [("pattern", "pattern"), ("pixel", "pixel"), ("square", "badnets")]
+)
+def test_all2one_and_all2all_triggers(trigger, twin):
+    x, y, flags = _batch()
+    f = np.asarray(flags)
+    xo, yo = _apply(get_attack("all2one", ENV, trigger=trigger, target=6), x, y, flags)
+    xt, _ = _apply(get_attack(twin, ENV), x, y, flags)
+    np.testing.assert_array_equal(np.asarray(xo), np.asarray(xt))  # same trigger image
+    np.testing.assert_array_equal(np.asarray(yo)[f], 6)
+    a2a = get_attack("all2all", ENV, trigger=trigger)
+    xa, ya = _apply(a2a, x, y, flags)
+    np.testing.assert_array_equal(np.asarray(xa), np.asarray(xt))
+    np.testing.assert_array_equal(np.asarray(ya), oracle.all2all_labels(y, f, 10))
+    _, yts = a2a.test(x, y)
+    np.testing.assert_array_equal(np.asarray(yts), (np.asarray(y) + 1) % 10)
+    assert a2a.target == -1  # no label equals it: R_excl_target excludes nothing
+
+
+@pytest.mark.parametrize(
+    ("name", "opts"),
+    [
+        ("pattern", {"row": 28}),
+        ("pattern", {"col": 30}),
+        ("pattern", {"target": 10}),
+        ("pixel", {"position": "32,0"}),
+        ("pixel", {"value": 3.0}),
+        ("label_flip_targeted", {"source": 3, "target": 3}),
+        ("label_flip_targeted", {"source": 10}),
+        ("all2one", {"trigger": "star"}),
+        ("all2all", {"trigger": "star"}),
+        ("all2all", {"poison_rate": 1.5}),
+        ("fang_krum", {"threshold": 0.0}),
+        ("fang_trmean", {"b": 1.0}),
+        ("fang_trmean", {"space": "grads"}),
+        ("spmc_evade", {"level": "p90"}),
+        ("spmc_evade", {"space": "grads"}),
+        ("spmc_evade", {"boost": 0.0}),
+        ("spmc_evade", {"steps": 0}),
+    ],
+)
+def test_rejects_bad_options(name, opts):
+    with pytest.raises(ValueError):
+        get_attack(name, ENV, **opts)
+
+
+def test_fang_krum_rejects_too_many_attackers():
+    with pytest.raises(ValueError, match="m - 2c - 1"):
+        get_attack("fang_krum", AttackEnv((32, 32, 3), MEAN, STD, num_malicious=2, n_clients=5))
+
+
+# ------------------------------------------------------------------------ model attacks
+
+N, M, D = 10, 3, 40
+MAL = np.arange(N) >= N - M
+BEN = ~MAL
+MENV = AttackEnv((32, 32, 3), (0.5,) * 3, (0.25,) * 3, num_malicious=M, n_clients=N)
+
+
+def _problem(seed=0, scale=0.1, offset=0.0, spread=0.5):
+    rng = np.random.default_rng(seed)
+    g = (offset + rng.normal(size=D)).astype(np.float32)
+    common = rng.normal(size=D)
+    U = scale * (common + spread * rng.normal(size=(N, D)))
+    return jnp.asarray((g + U).astype(np.float32)), jnp.asarray(g)
+
+
+def _run(attack, W, g, key=0):
+    return np.asarray(jax.jit(attack.apply)(W, g, jnp.asarray(MAL), jax.random.key(key)))
+
+
+@pytest.mark.parametrize(("seed", "spread"), [(0, 1.0), (1, 2.0), (2, 3.0), (0, 0.5)])
+def test_fang_krum_lambda_matches_oracle_and_krum_picks_it(seed, spread):
+    W, g = _problem(seed, spread=spread)
+    U = np.asarray(W - g, np.float64)
+    lam, _ = jax.jit(fang_krum_lambda, static_argnums=(3, 4))(
+        W - g, jnp.asarray(MAL), jnp.asarray(BEN), M, 1e-5
+    )
+    want = oracle.fang_krum_lambda(U, BEN)
+    # The halving sequence is lambda_0 / 2^k: float32 lambda_0 within 1e-5 relative, and
+    # the same k unless Krum's decision flips at ~1e-6 relative distance differences.
+    np.testing.assert_allclose(float(lam), want, rtol=1e-5)
+    out = _run(get_attack("fang_krum", MENV), W, g)
+    s = oracle.fang_direction(U, BEN)
+    want_rows = np.broadcast_to(np.asarray(g) - want * s, out[MAL].shape)
+    np.testing.assert_allclose(out[MAL], want_rows, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[BEN], np.asarray(W)[BEN])
+    if spread >= 1.0:  # heterogeneous benign updates: Krum picks the crafted model
+        assert want >= 1e-5 and MAL[oracle.krum_select(out.astype(np.float64), M)]
+    else:  # a tight benign cluster: lambda halves below the threshold (the paper's stop)
+        assert want < 1e-5
+
+
+@pytest.mark.parametrize("space", ["weights", "updates"])
+def test_fang_trmean_draws_in_oracle_intervals(space):
+    W, g = _problem(3, offset=0.3)
+    out = _run(get_attack("fang_trmean", MENV, space=space), W, g, key=5)
+    U = np.asarray(W - g, np.float64)
+    s = oracle.fang_direction(U, BEN)
+    base = np.asarray(W, np.float64) if space == "weights" else U
+    lo, hi = oracle.fang_trmean_bounds(base, BEN, s, 2.0)
+    got = out[MAL].astype(np.float64) - (0.0 if space == "weights" else np.asarray(g))
+    tol = 1e-6  # float32 rounding of values of order 1
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)  # w/b lies above w when w < 0
+    assert np.all(got >= lo - tol) and np.all(got <= hi + tol)
+    # Beyond the benign range, against the direction of change.
+    B = base[BEN]
+    assert np.all(np.where(s > 0, got <= B.min(0) + tol, got >= B.max(0) - tol))
+    assert not np.allclose(got[0], got[1])  # independent draws per attacker
+    np.testing.assert_array_equal(out[BEN], np.asarray(W)[BEN])
+
+
+def test_fang_trmean_pushes_trimmed_mean_against_direction():
+    W, g = _problem(4)
+    out = _run(get_attack("fang_trmean", MENV, space="updates"), W, g, key=1)
+    U0 = np.asarray(W - g, np.float64)
+    U1 = out.astype(np.float64) - np.asarray(g)
+    s = oracle.fang_direction(U0, BEN)
+
+    def trmean(X, k=M):
+        return np.sort(X, axis=0)[k : len(X) - k].mean(axis=0)
+
+    # Each coordinate of the trimmed mean moves against s (or stays, never with it).
+    moved = s * (trmean(U1) - trmean(U0))
+    assert np.all(moved <= 1e-7) and np.mean(moved < 0) > 0.9
+
+
+@pytest.mark.parametrize("seed", [0, 5, 9])
+def test_mimic_copies_oracle_client(seed):
+    W, g = _problem(seed, spread=2.0)
+    out = _run(get_attack("mimic", MENV), W, g)
+    U = np.asarray(W - g, np.float64)
+    i = oracle.mimic_index(U, BEN)
+    assert int(jax.jit(mimic_index)(W - g, jnp.asarray(BEN))) == i
+    for r in np.flatnonzero(MAL):
+        np.testing.assert_array_equal(out[r], np.asarray(W)[i])  # bit-identical copy
+    np.testing.assert_array_equal(out[BEN], np.asarray(W)[BEN])
+
+
+def _backdoored(seed, offset):
+    """Benign rows around a common model; each attacker row pushed along its own direction."""
+    rng = np.random.default_rng(seed)
+    g = offset + rng.normal(size=D)
+    W = g + 0.1 * (rng.normal(size=D) + 0.5 * rng.normal(size=(N, D)))
+    W[MAL] += 0.1 * rng.normal(size=(M, D))
+    return jnp.asarray(W.astype(np.float32)), jnp.asarray(g.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("space", "level", "boost", "offset"),
+    [
+        ("updates", "max", 1.0, 0.0),
+        ("updates", "median", 1.0, 0.0),
+        ("updates", "mean", 3.0, 0.0),
+        ("weights", "max", 1.0, 0.0),
+        ("weights", "min", 1.0, 1.0),
+    ],
+)
+def test_spmc_evade_scale_matches_oracle(space, level, boost, offset):
+    W, g = _backdoored(7, offset)
+    W64, g64 = np.asarray(W, np.float64), np.asarray(g, np.float64)
+    want = oracle.spmc_evade_scale(W64, g64, MAL, space, level, boost)
+    assert 0.0 < want < boost  # the case is informative: a partial blend
+    s, _ = jax.jit(evade_scale, static_argnums=(3, 4, 5, 6))(
+        W, g, jnp.asarray(MAL), space, level, boost, 30
+    )
+    # The scores are float32 (error <= 4e-7) and change by O(0.1) per unit of s here, so
+    # the boundary moves by ~1e-5; 30 bisection steps resolve boost / 2^30.
+    np.testing.assert_allclose(float(s), want, atol=1e-4 * boost)
+    out = _run(get_attack("spmc_evade", MENV, space=space, level=level, boost=boost), W, g)
+    mu = W64[BEN].mean(axis=0)
+    np.testing.assert_allclose(out[MAL], mu + float(s) * (W64[MAL] - mu), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[BEN], np.asarray(W)[BEN])
+    # The attackers now score at the benign level (oracle scores, float32 slack).
+    X = out.astype(np.float64) - (g64 if space == "updates" else 0.0)
+    phi = oracle.loo_cos(X)
+    stat = {"max": np.max, "mean": np.mean, "median": np.median, "min": np.min}[level]
+    assert phi[MAL].min() >= stat(phi[BEN]) - 1e-5
+    assert oracle.loo_cos(W64 - (g64 if space == "updates" else 0.0))[MAL].min() < stat(phi[BEN])
+
+
+def test_spmc_evade_keeps_already_benign_level_attackers():
+    W, g = _problem(2)  # attackers trained like everyone else: s = boost is feasible or close
+    out = _run(get_attack("spmc_evade", MENV, level="min", space="updates"), W, g)
+    W64 = np.asarray(W, np.float64)
+    want = oracle.spmc_evade_scale(W64, np.asarray(g, np.float64), MAL, "updates", "min", 1.0)
+    mu = W64[BEN].mean(axis=0)
+    np.testing.assert_allclose(out[MAL], mu + want * (W64[MAL] - mu), rtol=1e-4, atol=1e-4)
