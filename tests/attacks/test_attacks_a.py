@@ -279,3 +279,103 @@ def test_spmc_evade_keeps_already_benign_level_attackers():
     want = oracle.spmc_evade_scale(W64, np.asarray(g, np.float64), MAL, "updates", "min", 1.0)
     mu = W64[BEN].mean(axis=0)
     np.testing.assert_allclose(out[MAL], mu + want * (W64[MAL] - mu), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------- 2-round Simulation runs
+
+RUN = dict(
+    model="mlp",
+    clients=4,
+    gamma=0.25,  # one attacker, the last client
+    rounds=2,
+    local_epochs=1,
+    batch_size=16,
+    subsample=400,
+    partition="iid",  # every client, the attacker too, holds every class
+    eval_batch=150,
+)
+
+
+def _simulate(blobs, attack, defense="fedavg", opts=(), **over):
+    from spmc_jax.config import Config
+    from spmc_jax.engine import run
+
+    cfg = Config(attack=attack, defense=defense, attack_opts=tuple(opts), **{**RUN, **over})
+    res = run(cfg, blobs)
+    assert all(h["nonfinite"] == 0 for h in res.history)
+    return res
+
+
+@pytest.fixture(scope="module")
+def clean_run(blobs):
+    return _simulate(blobs, "none")
+
+
+@pytest.mark.parametrize(
+    ("attack", "opts", "r_trigger"),
+    [
+        ("pattern", (), "attack"),
+        ("pixel", (), "attack"),
+        ("all2all", (), "attack"),
+        ("label_flip_targeted", (("label_flip_targeted", "source", "1"),), "base (probe)"),
+    ],
+)
+def test_data_attack_fires_in_a_run(blobs, clean_run, attack, opts, r_trigger):
+    res = _simulate(blobs, attack, opts=opts)
+    assert res.sim.r_trigger == r_trigger
+    assert res.sim.data_attack is not None
+    # Same seed, same sampling: only the attacker's poisoned batches differ.
+    assert not np.array_equal(
+        np.asarray(res.state.global_flat), np.asarray(clean_run.state.global_flat)
+    )
+    last = res.history[-1]
+    assert 0.0 <= last["A"] <= 100.0 and 0.0 <= last["R"] <= 100.0
+    if attack == "all2all":  # target -1: no test image is excluded
+        assert last["R_excl_target"] == pytest.approx(last["R"])
+
+
+def _weights(res):
+    ids = [np.asarray(h["client_ids"]) for h in res.history]
+    return [np.asarray(h["client_weights"]) for h in res.history], ids
+
+
+def test_fang_krum_gets_the_attacker_selected(blobs):
+    # Label-skewed clients: the benign updates spread enough for Krum to prefer g - lambda s
+    # (with iid clients lambda halves below the threshold, the paper's stop).
+    res = _simulate(blobs, "fang_krum", defense="krum", partition="dirichlet")
+    mal = np.asarray(res.plan.malicious)
+    weights, ids = _weights(res)
+    # Krum puts all weight on one client: the attacker's crafted model, every round.
+    for w, i in zip(weights, ids, strict=True):
+        assert mal[i[np.argmax(w)]] and w.max() == pytest.approx(1.0)
+
+
+def test_fang_trmean_moves_the_model(blobs, clean_run):
+    res = _simulate(blobs, "fang_trmean")
+    g0 = np.asarray(clean_run.state.global_flat)
+    g1 = np.asarray(res.state.global_flat)
+    # weights space, b = 2: the attacker's parameters sit up to 2x beyond the benign range,
+    # i.e. O(|w|) away, much farther than 2 rounds of SGD moved the model.
+    init = np.asarray(res.sim.init_flat)
+    assert np.linalg.norm(g1 - g0) > np.linalg.norm(g0 - init)
+
+
+def test_mimic_attacker_scores_like_its_benign_twin(blobs):
+    res = _simulate(blobs, "mimic", defense="spmc")
+    mal = np.asarray(res.plan.malicious)
+    weights, ids = _weights(res)
+    for w, i in zip(weights, ids, strict=True):
+        att = w[mal[i]]
+        ben = w[~mal[i]]
+        # An identical row has an identical leave-one-out cosine, hence the same alpha.
+        assert np.isclose(ben, att[0], rtol=1e-6, atol=0).sum() == 1
+
+
+def test_spmc_evade_lifts_attacker_weight_to_benign_max(blobs):
+    res = _simulate(blobs, "base+spmc_evade", defense="spmc")
+    mal = np.asarray(res.plan.malicious)
+    weights, ids = _weights(res)
+    for w, i in zip(weights, ids, strict=True):
+        # level "max": the attacker's score >= every benign score, so its alpha too (the
+        # float32 score error, <= 4e-7, bounds the slack).
+        assert w[mal[i]].min() >= w[~mal[i]].max() * (1 - 1e-6)
