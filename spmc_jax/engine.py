@@ -599,6 +599,8 @@ class Simulation:
             n_clients=self.n,
             lr=cfg.lr,
             param_mask=self.flat.param_mask,
+            dataset=cfg.dataset,
+            data_dir=cfg.data_dir,
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
         if cfg.stream_aggregation and (self.model_attacks or self.mesh is not None):
@@ -608,7 +610,9 @@ class Simulation:
                 f"clients over {1 if self.mesh is None else self.mesh.size} devices; accepted: "
                 "data-only attacks on one device"
             )
-        probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
+        probe = self.data_attack
+        if probe is not None and probe.test is None and probe.test_set is None:
+            probe = None
         # Attacks without a test-time trigger are probed with the reference trigger, so R
         # (and V) stay defined: how often that trigger flips predictions to class 2.
         self.r_trigger = "attack" if probe is not None else "base (probe)"
@@ -645,6 +649,14 @@ class Simulation:
         self._tx = tx
         self.evaluator = make_evaluator(
             self.predict, self.test_transform, probe.test, self.target, cfg.eval_batch
+        )
+        # A standalone backdoor test set (edge_case): its accuracy w.r.t. the backdoor
+        # labels is the attack success rate.
+        self.backdoor_set = bset = probe.test_set
+        self.backdoor_evaluator = (
+            None
+            if bset is None
+            else make_evaluator(self.predict, bset.transform, None, self.target, cfg.eval_batch)
         )
         self.agg_env = AggregatorEnv(
             n_clients=self.n,
@@ -1020,7 +1032,13 @@ class Simulation:
         return jax.lax.scan(lambda s, r: self._round(s, data, r), state, start + jnp.arange(count))
 
     def _evaluate(self, flat: jax.Array, data: SimData) -> dict[str, jax.Array]:
-        return self.evaluator(flat, data.x_test, data.y_test)
+        out = self.evaluator(flat, data.x_test, data.y_test)
+        bset = self.backdoor_set
+        if self.backdoor_evaluator is not None and bset is not None:
+            asr = self.backdoor_evaluator(flat, jnp.asarray(bset.x), jnp.asarray(bset.y))["A"]
+            r = 100.0 - asr  # every image carries the backdoor label: nothing to exclude
+            out = {**out, "R": r, "R_excl_target": r, "V": (out["A"] + r) / 2.0}
+        return out
 
 
 # ----------------------------------------------------------------------------- running

@@ -379,3 +379,59 @@ def test_spmc_evade_lifts_attacker_weight_to_benign_max(blobs):
         # level "max": the attacker's score >= every benign score, so its alpha too (the
         # float32 score error, <= 4e-7, bounds the slack).
         assert w[mal[i]].min() >= w[~mal[i]].max() * (1 - 1e-6)
+
+
+# ------------------------------------------------------------------------------ edge case
+
+
+def test_edge_case_replaces_flagged_samples_with_held_out_source_images(real_dataset):
+    cifar = real_dataset("cifar10")  # 32x32x3 source: no resize, an exact float64 oracle
+    attack = get_attack("edge_case", ENV, source="cifar10", edge_class=1, n_train=20, n_test=7)
+    tr = cifar.x_train[cifar.y_train == 1][:20]
+    te = cifar.x_test[cifar.y_test == 1][:7]
+    np.testing.assert_array_equal(attack.test_set.x, te)  # held out: the test split
+    np.testing.assert_array_equal(attack.test_set.y, np.full(7, 2))
+    want = oracle.normalize_uint8(tr, MEAN, STD)  # (20, 32, 32, 3)
+    x, y, flags = _batch()
+    f = np.asarray(flags)
+    xo, yo = _apply(attack, x, y, flags, key=3)
+    xo = np.asarray(xo, np.float64)
+    for img in xo[f]:  # each flagged sample is one of the edge-case training images
+        assert np.abs(want - img).reshape(20, -1).max(axis=1).min() < F32_ATOL
+    np.testing.assert_array_equal(xo[~f], np.asarray(x)[~f])
+    np.testing.assert_array_equal(np.asarray(yo)[f], 2)
+    np.testing.assert_allclose(
+        np.asarray(attack.test_set.transform(jnp.asarray(te)), np.float64),
+        oracle.normalize_uint8(te, MEAN, STD),
+        atol=F32_ATOL,
+    )
+
+
+def test_edge_case_source_choice_and_bad_options(real_dataset):
+    from spmc_jax.attacks.edge_case import resolve_source
+
+    assert resolve_source("auto", "mnist") == "fashion_mnist"
+    assert resolve_source("auto", "fashion_mnist") == "mnist"
+    assert resolve_source("auto", "cifar10") == "mnist"
+    real_dataset("mnist")
+    for opts in ({"source": "svhn"}, {"edge_class": 10}, {"n_train": 0}, {"target": -1}):
+        with pytest.raises(ValueError):
+            get_attack("edge_case", ENV, **opts)
+
+
+def test_edge_case_run_measures_r_on_the_edge_set(blobs, clean_run, real_dataset):
+    real_dataset("fashion_mnist")  # the source of an MNIST run ("auto")
+    res = _simulate(blobs, "edge_case", opts=(("edge_case", "n_test", "200"),))
+    sim = res.sim
+    assert sim.r_trigger == "attack" and sim.backdoor_set is not None
+    assert not np.array_equal(
+        np.asarray(res.state.global_flat), np.asarray(clean_run.state.global_flat)
+    )
+    # R = 100 - % of the 200 held-out FashionMNIST sneakers predicted as the target.
+    bset = sim.backdoor_set
+    logits = sim.predict(res.state.global_flat, bset.transform(jnp.asarray(bset.x)))
+    asr = 100.0 * np.mean(np.argmax(np.asarray(logits), -1) == 2)
+    last = res.history[-1]
+    assert last["R"] == pytest.approx(100.0 - asr, abs=1e-3)
+    assert last["R_excl_target"] == last["R"]
+    assert last["V"] == pytest.approx((last["A"] + last["R"]) / 2, abs=1e-3)

@@ -85,6 +85,11 @@ def test_backdoor_test_set(name):
     if name.startswith("label_flip"):
         assert attack.test is None and attack.target is None
         return
+    if attack.test_set is not None:  # a standalone backdoor set (edge_case)
+        xs = attack.test_set.transform(jnp.asarray(attack.test_set.x[:4]))
+        assert xs.shape == (4, *ENV.image_shape)
+        np.testing.assert_array_equal(attack.test_set.y, attack.target)
+        return
     xt, yt = jax.jit(attack.test)(x, y)
     assert xt.shape == x.shape
     if name == "all2all":  # no single target: every image goes to its next label

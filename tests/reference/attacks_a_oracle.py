@@ -158,3 +158,8 @@ def spmc_evade_scale(W, g, mal, space="weights", level="max", s_max=1.0) -> floa
         else:
             hi = mid
     return lo
+
+
+def normalize_uint8(x_uint8: np.ndarray, mean, std) -> np.ndarray:
+    """(x / 255 - mean) / std per channel, float64 (a 32x32x3 image needs no resize)."""
+    return (np.asarray(x_uint8, np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
