@@ -1036,7 +1036,11 @@ class Simulation:
         bset = self.backdoor_set
         if self.backdoor_evaluator is not None and bset is not None:
             asr = self.backdoor_evaluator(flat, jnp.asarray(bset.x), jnp.asarray(bset.y))["A"]
-            r = 100.0 - asr  # every image carries the backdoor label: nothing to exclude
+            # From the integer miss count (as the evaluator's R), so R never rounds below 0;
+            # every image carries the backdoor label, so there is nothing to exclude.
+            n_b = len(bset.y)
+            hits = jnp.round(asr * n_b / 100.0)
+            r = 100.0 * (n_b - hits) / n_b
             out = {**out, "R": r, "R_excl_target": r, "V": (out["A"] + r) / 2.0}
         return out
 

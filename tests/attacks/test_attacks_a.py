@@ -137,9 +137,16 @@ def test_rejects_bad_options(name, opts):
         get_attack(name, ENV, **opts)
 
 
-def test_fang_krum_rejects_too_many_attackers():
-    with pytest.raises(ValueError, match="m - 2c - 1"):
-        get_attack("fang_krum", AttackEnv((32, 32, 3), MEAN, STD, num_malicious=2, n_clients=5))
+def test_fang_krum_runs_outside_krums_condition():
+    # m = 5 <= 2c + 1: the bound's m - 2c - 1 is clamped to 1; the attack still runs.
+    env = AttackEnv((32, 32, 3), MEAN, STD, num_malicious=2, n_clients=5)
+    rng = np.random.default_rng(0)
+    W = jnp.asarray(rng.normal(size=(5, 12)), jnp.float32)
+    mal = jnp.asarray([False, False, False, True, True])
+    out = np.asarray(get_attack("fang_krum", env).apply(W, W[0], mal, jax.random.key(0)))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[:3], np.asarray(W)[:3])
+    np.testing.assert_array_equal(out[3], out[4])
 
 
 # ------------------------------------------------------------------------ model attacks
