@@ -16,7 +16,6 @@ import pytest
 from spmc_jax.attacks import AttackEnv, get_attack
 from spmc_jax.attacks.fang_krum import fang_krum_lambda
 from spmc_jax.attacks.mimic import mimic_index
-from spmc_jax.attacks.spmc_evade import evade_scale
 from tests.reference import attacks_a_oracle as oracle
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -250,9 +249,7 @@ def _backdoored(seed, offset):
     ("space", "level", "boost", "offset"),
     [
         ("updates", "max", 1.0, 0.0),
-        ("updates", "median", 1.0, 0.0),
-        ("updates", "mean", 3.0, 0.0),
-        ("weights", "max", 1.0, 0.0),
+        ("updates", "median", 3.0, 0.0),
         ("weights", "min", 1.0, 1.0),
     ],
 )
@@ -261,15 +258,14 @@ def test_spmc_evade_scale_matches_oracle(space, level, boost, offset):
     W64, g64 = np.asarray(W, np.float64), np.asarray(g, np.float64)
     want = oracle.spmc_evade_scale(W64, g64, MAL, space, level, boost)
     assert 0.0 < want < boost  # the case is informative: a partial blend
-    s, _ = jax.jit(evade_scale, static_argnums=(3, 4, 5, 6))(
-        W, g, jnp.asarray(MAL), space, level, boost, 30
-    )
-    # The scores are float32 (error <= 4e-7) and change by O(0.1) per unit of s here, so
-    # the boundary moves by ~1e-5; 30 bisection steps resolve boost / 2^30.
-    np.testing.assert_allclose(float(s), want, atol=1e-4 * boost)
     out = _run(get_attack("spmc_evade", MENV, space=space, level=level, boost=boost), W, g)
     mu = W64[BEN].mean(axis=0)
-    np.testing.assert_allclose(out[MAL], mu + float(s) * (W64[MAL] - mu), rtol=1e-5, atol=1e-5)
+    dev = W64[MAL] - mu
+    s = np.sum((out[MAL] - mu) * dev) / np.sum(dev * dev)  # the common scale applied
+    # The scores are float32 (error <= 4e-7) and change by O(0.1) per unit of s here, so
+    # the boundary moves by ~1e-5; 30 bisection steps resolve boost / 2^30.
+    np.testing.assert_allclose(s, want, atol=1e-4 * boost)
+    np.testing.assert_allclose(out[MAL], mu + s * dev, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[BEN], np.asarray(W)[BEN])
     # The attackers now score at the benign level (oracle scores, float32 slack).
     X = out.astype(np.float64) - (g64 if space == "updates" else 0.0)
@@ -321,8 +317,6 @@ def clean_run(blobs):
 @pytest.mark.parametrize(
     ("attack", "opts", "r_trigger"),
     [
-        ("pattern", (), "attack"),
-        ("pixel", (), "attack"),
         ("all2all", (), "attack"),
         ("label_flip_targeted", (("label_flip_targeted", "source", "1"),), "base (probe)"),
     ],
