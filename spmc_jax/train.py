@@ -327,6 +327,8 @@ def list_registry(kind: str) -> str:
     for name, spec in items:
         opts = ", ".join(f"{k}={p.default!r}" for k, p in factory_options(spec.factory).items())
         lines.append(f"  {name:<18} {spec.summary}")
+        if getattr(spec, "paper", ""):
+            lines.append(f"  {'':<18} paper: {spec.paper}")
         if opts:
             lines.append(f"  {'':<18} options: {opts}")
     return "\n".join(lines)

@@ -436,3 +436,19 @@ def test_edge_case_run_measures_r_on_the_edge_set(blobs, clean_run, real_dataset
     assert last["R"] == pytest.approx(100.0 - asr, abs=1e-3)
     assert last["R_excl_target"] == last["R"]
     assert last["V"] == pytest.approx((last["A"] + last["R"]) / 2, abs=1e-3)
+
+
+def test_attack_help_lists_the_new_attacks_with_their_papers():
+    from spmc_jax.train import list_registry
+
+    text = list_registry("attack")
+    for name, paper in [
+        ("fang_krum", "Fang et al."),
+        ("mimic", "Karimireddy"),
+        ("edge_case", "Wang et al."),
+        ("pattern", "Bagdasaryan"),
+        ("spmc_evade", "SPMC"),
+    ]:
+        lines = text.splitlines()
+        i = next(k for k, line in enumerate(lines) if line.split()[:1] == [name])
+        assert lines[i + 1].strip().startswith("paper:") and paper in lines[i + 1], name
