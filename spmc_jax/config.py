@@ -461,6 +461,8 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
         lr=cfg.lr,
         param_mask=flat.param_mask,
         model=ModelOps(flat, _ShapeOnlyProxy()._fail),
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
     )
     return agg_env, attack_env
 

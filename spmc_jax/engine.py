@@ -612,6 +612,8 @@ class Simulation:
             lr=cfg.lr,
             param_mask=self.flat.param_mask,
             model=ModelOps(self.flat, self._logits),
+            dataset=cfg.dataset,
+            data_dir=cfg.data_dir,
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
         # ---- client hooks (client.ClientHook): stateful triggers, training-time attacks,
@@ -633,7 +635,9 @@ class Simulation:
                 f"clients over {1 if self.mesh is None else self.mesh.size} devices; accepted: "
                 "data-only attacks on one device"
             )
-        probe = self.data_attack if self.data_attack is not None and self.data_attack.test else None
+        probe = self.data_attack
+        if probe is not None and probe.test is None and probe.test_set is None:
+            probe = None
         self._probe_stateful = probe is not None and probe.hook is not None  # client hooks
         # Attacks without a test-time trigger are probed with the reference trigger, so R
         # (and V) stay defined: how often that trigger flips predictions to class 2.
@@ -672,6 +676,14 @@ class Simulation:
         self._tx = tx
         self.evaluator = make_evaluator(
             self.predict, self.test_transform, probe.test, self.target, cfg.eval_batch
+        )
+        # A standalone backdoor test set (edge_case): its accuracy w.r.t. the backdoor
+        # labels is the attack success rate.
+        self.backdoor_set = bset = probe.test_set
+        self.backdoor_evaluator = (
+            None
+            if bset is None
+            else make_evaluator(self.predict, bset.transform, None, self.target, cfg.eval_batch)
         )
         self.agg_env = AggregatorEnv(
             n_clients=self.n,
@@ -1123,8 +1135,19 @@ class Simulation:
             evaluator = make_evaluator(
                 self.predict, self.test_transform, trigger, self.target, self.cfg.eval_batch
             )
-            return evaluator(flat, data.x_test, data.y_test)
-        return self.evaluator(flat, data.x_test, data.y_test)
+            out = evaluator(flat, data.x_test, data.y_test)
+        else:
+            out = self.evaluator(flat, data.x_test, data.y_test)
+        bset = self.backdoor_set
+        if self.backdoor_evaluator is not None and bset is not None:
+            asr = self.backdoor_evaluator(flat, jnp.asarray(bset.x), jnp.asarray(bset.y))["A"]
+            # From the integer miss count (as the evaluator's R), so R never rounds below 0;
+            # every image carries the backdoor label, so there is nothing to exclude.
+            n_b = len(bset.y)
+            hits = jnp.round(asr * n_b / 100.0)
+            r = 100.0 * (n_b - hits) / n_b
+            out = {**out, "R": r, "R_excl_target": r, "V": (out["A"] + r) / 2.0}
+        return out
 
 
 # ----------------------------------------------------------------------------- running

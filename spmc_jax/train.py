@@ -534,6 +534,8 @@ def check_devices(cfg: Config) -> None:
 
 ATTACK_KIND_HEADINGS = {
     "data": "data attacks (change the attackers' training data: poison samples, add a trigger):",
+    "client_data": "data attacks with a trigger the attackers optimise during the run:",
+    "client": "training-time attacks (change how the attackers train, e.g. their gradients):",
     "model": "model attacks (change the attackers' trained models before aggregation):",
 }
 
@@ -550,6 +552,8 @@ def list_registry(kind: str) -> str:
         for name, spec in group:
             opts = ", ".join(f"{k}={p.default!r}" for k, p in factory_options(spec.factory).items())
             lines.append(f"  {name:<18} {spec.summary}")
+            if getattr(spec, "paper", ""):
+                lines.append(f"  {'':<18} paper: {spec.paper}")
             if opts:
                 lines.append(f"  {'':<18} options: {opts}")
 

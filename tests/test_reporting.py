@@ -215,3 +215,7 @@ def test_attack_help_separates_data_and_model_attacks(capsys):
     out = capsys.readouterr().out
     data, model = out.index("data attacks"), out.index("model attacks")
     assert data < out.index("  base ") < model < out.index("  scaling ")
+    from spmc_jax.attacks import REGISTRY
+
+    for name in REGISTRY.names():  # every kind has a heading: no attack is left out
+        assert f"  {name} " in out, name

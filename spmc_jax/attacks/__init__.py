@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, ModelAttack
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, BackdoorSet, DataAttack, ModelAttack
 from spmc_jax.registry import Registry, coerce_options
 
 REGISTRY: Registry[AttackSpec] = Registry("attack", __name__)
@@ -92,6 +92,7 @@ __all__ = [
     "REGISTRY",
     "AttackEnv",
     "AttackSpec",
+    "BackdoorSet",
     "DataAttack",
     "ModelAttack",
     "get_attack",

@@ -10,7 +10,10 @@ Two kinds of attack, both applied by the engine to malicious clients only:
   like the reference), `rank` is the attacker's index among the malicious clients
   (0..m-1; DBA uses it) and `key` a per-step PRNG key. Samples with `flags == False`
   must come out unchanged. `test(x, y) -> (x, y)` builds the backdoor test set (full
-  trigger, target labels); None for attacks without a test-time trigger.
+  trigger, target labels); None for attacks without a test-time trigger. An attack whose
+  backdoor test set is not a transform of the clean test set (`edge_case`: held-out
+  out-of-distribution images) gives it as `test_set` (a `BackdoorSet`) instead; the engine
+  then measures R on it.
 * A **model attack** rewrites malicious rows of the `(n, d)` matrix of trained client
   models after local training: `apply(W, global_flat, malicious, key) -> W`. It may read
   the benign rows (omniscient attacks); benign rows must come out bit-identical (use
@@ -54,6 +57,9 @@ class AttackEnv:
       model: `client.ModelOps` (flattener, eval-mode logits) for client-hook attacks that
         evaluate the model (A3FL, IBA) or map flat vectors to parameters (Neurotoxin); set
         by the engine, None elsewhere.
+      dataset: the run's dataset name ("" when unknown); `edge_case` picks its
+        out-of-distribution source from it.
+      data_dir: the run's `--data-dir` (where `edge_case` looks for its source).
     """
 
     image_shape: tuple[int, int, int]
@@ -65,6 +71,8 @@ class AttackEnv:
     lr: float = 0.01
     param_mask: np.ndarray | None = None
     model: Any = None
+    dataset: str = ""
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.param_mask is not None:
@@ -85,12 +93,29 @@ class AttackEnv:
         return (jnp.asarray(pixel, jnp.float32) - mean) / std
 
 
+class BackdoorSet(NamedTuple):
+    """A standalone backdoor test set: R = 100 - % of `x` predicted as `y`.
+
+    Attributes:
+      x: (M, h, w, c) uint8 images in their source's stored layout.
+      y: (M,) int32 backdoor labels.
+      transform: uint8 batch -> normalised (B, H, W, C) model input (the run's
+        normalisation), e.g. `make_test_transform(source_kind, env.mean, env.std)`.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    transform: Callable[[jax.Array], jax.Array]
+
+
 class DataAttack(NamedTuple):
     """A training-data backdoor / label attack (see module docstring).
 
     `hook`: a stateful trigger (A3FL, IBA) carries its `client.ClientHook`; its state (the
     trigger being optimised) is then passed as a last argument to both `apply(x, y, flags,
     rank, key, state)` and `test(x, y, state)`.
+
+    `target` is the backdoor label (None: untargeted; -1: no single target, `all2all`).
     """
 
     poison_rate: float
@@ -98,6 +123,7 @@ class DataAttack(NamedTuple):
     test: Callable[..., tuple[jax.Array, jax.Array]] | None
     target: int | None
     hook: Any = None
+    test_set: BackdoorSet | None = None
 
 
 ModelApply = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -61,9 +61,13 @@ def test_unflagged_samples_unchanged_and_deterministic(name):
         keep = ~np.asarray(flags)
         np.testing.assert_array_equal(np.asarray(xo)[keep], np.asarray(x)[keep])
         np.testing.assert_array_equal(np.asarray(yo)[keep], np.asarray(y)[keep])
-        # Every flagged sample is changed (image or label).
+        # Every flagged sample is changed (image or label); a targeted label flip changes
+        # only the flagged samples of its source class.
         changed = np.any(np.asarray(xo != x).reshape(len(x), -1), axis=1) | np.asarray(yo != y)
-        assert changed[np.asarray(flags)].all()
+        eligible = np.asarray(flags)
+        if name == "label_flip_targeted":
+            eligible = eligible & (np.asarray(y) == 5)
+        assert changed[eligible].all() and not changed[np.asarray(flags) & ~eligible].any()
         xo2, yo2 = _apply(attack, x, y, flags, rank=rank, key=rank)
         np.testing.assert_array_equal(np.asarray(xo), np.asarray(xo2))
         np.testing.assert_array_equal(np.asarray(yo), np.asarray(yo2))
@@ -81,9 +85,17 @@ def test_backdoor_test_set(name):
     if name.startswith("label_flip"):
         assert attack.test is None and attack.target is None
         return
+    if attack.test_set is not None:  # a standalone backdoor set (edge_case)
+        xs = attack.test_set.transform(jnp.asarray(attack.test_set.x[:4]))
+        assert xs.shape == (4, *ENV.image_shape)
+        np.testing.assert_array_equal(attack.test_set.y, attack.target)
+        return
     xt, yt = jax.jit(attack.test)(x, y)
     assert xt.shape == x.shape
-    np.testing.assert_array_equal(np.asarray(yt), attack.target)
+    if name == "all2all":  # no single target: every image goes to its next label
+        np.testing.assert_array_equal(np.asarray(yt), (np.asarray(y) + 1) % 10)
+    else:
+        np.testing.assert_array_equal(np.asarray(yt), attack.target)
     # Every test image carries the trigger.
     diff = np.asarray(xt != x).reshape(len(x), -1)
     assert diff.any(axis=1).all()

@@ -66,7 +66,7 @@ def test_benign_rows_bit_identical_and_deterministic(name):
     )
 
 
-@pytest.mark.parametrize("name", ["alie", "ipm", "min_max", "min_sum"])
+@pytest.mark.parametrize("name", ["alie", "ipm", "min_max", "min_sum", "fang_krum", "mimic"])
 def test_omniscient_attacks_ignore_malicious_inputs_and_agree(name):
     attack = get_attack(name, ENV)
     W, g = _problem()
