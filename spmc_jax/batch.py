@@ -164,7 +164,7 @@ class BatchedSimulation:
         width = max(p.partition.max_samples for p in self.plans)
         steps = max(p.steps_per_epoch for p in self.plans)
         padded = any(p.partition.max_samples != width for p in self.plans)
-        if padded and not jax.config.jax_threefry_partitionable:
+        if padded and not getattr(jax.config, "jax_threefry_partitionable"):  # noqa: B009 (untyped)
             raise ValueError(
                 "federations of different partition widths need jax_threefry_partitionable=True "
                 "(a client's epoch order must not depend on padding); accepted: that flag on, "

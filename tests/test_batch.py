@@ -106,7 +106,7 @@ def test_attacks_reading_num_malicious_are_listed():
 
 def test_mixed_static_configurations_are_refused_before_compute(blobs):
     cfgs = [Config(defense="fedavg", **TINY), Config(defense="spmc", **TINY)]
-    with pytest.raises(ValueError, match="cannot share a program.*defense"):
+    with pytest.raises(ValueError, match=r"cannot share a program.*defense"):
         batch.BatchedSimulation(cfgs, blobs)
     with pytest.raises(ValueError, match="at least one cell"):
         batch.BatchedSimulation([], blobs)
