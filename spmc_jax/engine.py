@@ -836,9 +836,7 @@ class Simulation:
             # No participants yet: every client's teacher is the global (= initial) model.
             teachers = jnp.zeros((self.n, self.flat.dim), jnp.float32)
             ids = jnp.full((self.n,), -1, jnp.int32)
-        state = self._place(
-            RunState(init_flat, agg.init(init_flat), teachers, ids, round_key)
-        )
+        state = self._place(RunState(init_flat, agg.init(init_flat), teachers, ids, round_key))
         if self._shard_teachers:
             assert self.mesh is not None
             # Rounds return last round's teachers split over the client axis (they come from
