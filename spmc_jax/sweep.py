@@ -900,7 +900,8 @@ def run_sweep(
                 for g in group_batches([spec.config(c) for c in grid], size)
             ]
             for group in (g for g in groups if g):
-                if deadline is not None and deadline.too_late(first_block_s):
+                # Every call makes progress: the check starts after this call's first cell.
+                if deadline is not None and ran and deadline.too_late(first_block_s):
                     stopped = True
                     break
                 cfgs = [spec.config(c) for c in group]
