@@ -37,12 +37,18 @@ import numpy as np
 from spmc_jax.data.sources import ENV_CIFAR10_TARBALL, CIFAR10_TARBALL_NAME, load_dataset
 
 out, names = Path(sys.argv[1]), sys.argv[2:]
+missing = False
 tarball = os.environ.get(ENV_CIFAR10_TARBALL, "/work/shared/data/" + CIFAR10_TARBALL_NAME)
 for name in names:
     if name == "cifar10" and Path(tarball).is_file():
         shutil.copyfile(tarball, out / CIFAR10_TARBALL_NAME)
         continue
-    ds = load_dataset(name, fetch=False, log=lambda s: None)
+    try:
+        ds = load_dataset(name, fetch=False, log=lambda s: None)
+    except FileNotFoundError as err:
+        print(f"{name}: not packed ({err})".splitlines()[0], file=sys.stderr)
+        missing = True
+        continue
     np.savez_compressed(out / f"{name}.npz", x_train=ds.x_train, y_train=ds.y_train,
                         x_test=ds.x_test, y_test=ds.y_test, source=np.asarray(ds.source))
 total = sum(p.stat().st_size for p in out.iterdir())
@@ -50,6 +56,7 @@ for p in sorted(out.iterdir()):
     print(f"{p.stat().st_size / 2**20:8.1f} MiB  {p}")
 print(f"{total / 2**20:8.1f} MiB in all" + ("  (over 64 MiB: carry one dataset per call)"
                                            if total > 64 * 2**20 else ""))
+sys.exit(1 if missing else 0)
 EOF
   exit $?
 fi
