@@ -16,7 +16,9 @@
 #
 # Environment: OUT (default runs/table2), DATA_DIR (default device_data), TIME_LIMIT_S
 # (default 540: whole call), SAFETY_S (default 30: left for copying results), RESUME,
-# PRESET (default table2), CELL_BATCH (default auto), SWEEP_ARGS (extra sweep flags).
+# PRESET (default table2), SEEDS (default 0; e.g. "0 1 2": a batch holds a method's
+# seeds x gammas, so more seeds cost little more time), CELL_BATCH (default auto),
+# SWEEP_ARGS (extra sweep flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -93,8 +95,8 @@ fi
 
 left=$((TIME_LIMIT_S - (SECONDS - start) - SAFETY_S))
 ((left >= 1)) || left=1
-# shellcheck disable=SC2086  # SWEEP_ARGS is a list of flags
-python -m spmc_jax.sweep --preset "$PRESET" --datasets "$@" --seeds 0 --out "$OUT/sweep" \
+# shellcheck disable=SC2086  # SEEDS and SWEEP_ARGS are lists
+python -m spmc_jax.sweep --preset "$PRESET" --datasets "$@" --seeds ${SEEDS:-0} --out "$OUT/sweep" \
   --data-dir "$DATA_DIR" --no-fetch --cell-batch "${CELL_BATCH:-auto}" --time-limit "$left" \
   ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log"
 rc=${PIPESTATUS[0]}

@@ -16,6 +16,10 @@ A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol
                  reruns a killed one from scratch, or with --checkpoint-every N from its
                  latest checkpoint in cells/<id>.ckpt (results.jsonl is rebuilt from finished
                  cells only, so it never holds duplicate or partial rows)
+  cells/batch-<hash>.ckpt
+                 with --cell-batch N > 1, cells that share a program run as one batch
+                 (`spmc_jax.batch`: federations on an axis, the same numbers); its stacked
+                 state is checkpointed here, so a killed batch resumes mid-way
   .jax_cache/    JAX's persistent compilation cache: cells whose programs are identical (same
                  shapes and static configuration, e.g. FedAvg at γ 0.2 and 0.3) and resumed or
                  repeated sweeps load the compiled program instead of recompiling it
