@@ -807,12 +807,18 @@ class SweepResult:
 
 
 def auto_cell_batch(cfg: Config, ds: Dataset) -> int:
-    """`--cell-batch` default: as many federations like `cfg` as the memory estimate fits
-    (1 when a client mesh shards the clients: batches run on one device)."""
+    """`--cell-batch` default: as many federations like `cfg` as the memory estimate fits on
+    an accelerator (at most 64). 1 on CPU, where a batch computes no faster than its cells
+    one after another (benchmarks/RESULTS.md, "Sweep throughput": 0.66-0.90x per round
+    once compiled), and when a client mesh shards the clients (batches run on one device)."""
+    import jax
+
     from spmc_jax import sharding as sharding_lib
     from spmc_jax.batch import max_cell_batch
     from spmc_jax.engine import make_plan
 
+    if jax.default_backend() == "cpu":
+        return 1
     if sharding_lib.resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients)) > 1:
         return 1
     fits = max_cell_batch(make_plan(cfg, ds))
@@ -1355,8 +1361,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run up to N cells that share a program (same dataset and method; seeds and, "
         "where no program reads the attacker count, gammas differ) as one batched program: "
-        "same numbers as one by one; 'auto' (default): as many as the memory estimate fits; "
-        "1 = one by one",
+        "same numbers as one by one; 'auto' (default): as many as the memory estimate fits "
+        "on an accelerator, 1 on CPU (no faster there once compiled); 1 = one by one",
     )
     p.add_argument(
         "--time-limit",

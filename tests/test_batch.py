@@ -49,6 +49,8 @@ def test_batched_cells_equal_each_cell_alone(blobs, defense, kw):
     assert [int(p.malicious.sum()) for p in plans] == [1, 2]
     bsim = batch.BatchedSimulation(cfgs, blobs, plans)
     res = batch.run_batch(bsim)
+    # One program for the whole batch: every round block and every federation reuse it.
+    assert bsim.run_rounds._cache_size() == 1 and bsim.evaluate._cache_size() == 1
     for f, cfg in enumerate(cfgs):
         alone = run(cfg, blobs)
         got = res.histories[f]
@@ -98,9 +100,7 @@ def test_batch_key_groups_seeds_and_gammas_only_where_no_program_reads_them():
 
 def test_attacks_reading_num_malicious_are_listed():
     src = Path(batch.__file__).parent / "attacks"
-    readers = {
-        p.stem for p in src.glob("*.py") if re.search(r"env\.num_malicious", p.read_text())
-    }
+    readers = {p.stem for p in src.glob("*.py") if re.search(r"env\.num_malicious", p.read_text())}
     assert readers == set(batch.ATTACKS_READING_NUM_MALICIOUS)
 
 
@@ -110,3 +110,16 @@ def test_mixed_static_configurations_are_refused_before_compute(blobs):
         batch.BatchedSimulation(cfgs, blobs)
     with pytest.raises(ValueError, match="at least one cell"):
         batch.BatchedSimulation([], blobs)
+
+
+def test_max_cell_batch_counts_the_shared_data_once(blobs):
+    import dataclasses
+
+    plan = make_plan(Config(defense="fedavg", **TINY), blobs)
+    mem = plan.memory
+    per = mem["total"] - mem["data"]
+    fits_3 = dataclasses.replace(plan, memory={**mem, "budget": mem["data"] + 3.5 * per})
+    assert batch.max_cell_batch(fits_3) == 3
+    tight = dataclasses.replace(plan, memory={**mem, "budget": mem["data"] + 0.5 * per})
+    assert batch.max_cell_batch(tight) == 1  # never 0: one cell always runs (alone it fits)
+    assert batch.max_cell_batch(dataclasses.replace(plan, memory={**mem, "budget": 0.0})) is None

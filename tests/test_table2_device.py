@@ -37,6 +37,7 @@ def _call(tmp: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
         "PRESET": "smoke",
         "SWEEP_ARGS": SWEEP_ARGS,
         "SAFETY_S": "0",
+        "CELL_BATCH": "2",  # the device's 'auto' batches; on CPU 'auto' is 1
         **env,
     }
     return subprocess.run(["bash", str(SCRIPT), "mnist"], env=full, capture_output=True,
