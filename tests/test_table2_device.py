@@ -38,6 +38,8 @@ def _call(tmp: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
         "SWEEP_ARGS": SWEEP_ARGS,
         "SAFETY_S": "0",
         "CELL_BATCH": "2",  # the device's 'auto' batches; on CPU 'auto' is 1
+        # Shared by both calls: the second loads the first call's compiled programs.
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
         **env,
     }
     return subprocess.run(["bash", str(SCRIPT), "mnist"], env=full, capture_output=True,
