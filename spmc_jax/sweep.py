@@ -858,6 +858,7 @@ def run_sweep(
       time_limit: seconds; the sweep stops (checkpointing the running cell or batch) when the
         next evaluation block or cell would end past it, and returns `stopped=True`.
     """
+    from spmc_jax.batch import group_batches
     from spmc_jax.runinfo import environment
 
     spec.validate()
@@ -903,8 +904,6 @@ def run_sweep(
             )
             size = cell_batch or auto_cell_batch(spec.config(pending[0]), ds)
             grid = [c for c in cells if c.dataset == name]
-            from spmc_jax.batch import group_batches
-
             groups = [
                 [grid[i] for i in g if grid[i].id not in done]
                 for g in group_batches([spec.config(c) for c in grid], size)
