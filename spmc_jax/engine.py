@@ -513,6 +513,20 @@ def client_blocks(
     return local, members
 
 
+def poison_draw(seed: int, n_train: int, rate: float) -> np.ndarray:
+    """(n_train,) bool: which samples an attacker poisons. Host-side, fixed per sample for the
+    run (the reference draws it once, §1.6)."""
+    return np.random.RandomState(seed + 1).random_sample(n_train) < rate
+
+
+def attacker_ranks(malicious: np.ndarray) -> np.ndarray:
+    """(N,) int32: each attacker's rank among the attackers (0..m-1), 0 for benign clients."""
+    m_ids = np.flatnonzero(malicious)
+    rank = np.zeros(len(malicious), np.int32)
+    rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
+    return rank
+
+
 class RunState(NamedTuple):
     """Everything carried from round to round."""
 
@@ -567,7 +581,15 @@ class _Proxy:
 class Simulation:
     """A compiled federation for one `Config` and dataset."""
 
-    def __init__(self, cfg: Config, ds: Dataset, plan: Plan | None = None) -> None:
+    def __init__(
+        self, cfg: Config, ds: Dataset, plan: Plan | None = None, *, place_data: bool = True
+    ) -> None:
+        """Build the federation's programs and (with `place_data`) put its data on device.
+
+        `place_data=False` skips the device data (`self.data` is None): a
+        `spmc_jax.batch.BatchedSimulation` uses the Simulation as the template of its
+        federations and places their data itself.
+        """
         self.cfg = cfg
         self.plan = plan or make_plan(cfg, ds)
         ds = _subsample(ds, cfg.subsample, cfg.seed)
@@ -702,7 +724,7 @@ class Simulation:
             ),
         )
         self.defense_opts = self._defense_options()
-        self.data = self._device_data()
+        self.data: SimData | None = self._device_data() if place_data else None
         self._attacker_idx = self._attacker_sample()  # client hooks' ServerContext data
         self.run_rounds = jax.jit(self._run_rounds, static_argnums=(2,))
         self.evaluate = jax.jit(self._evaluate)
@@ -717,14 +739,15 @@ class Simulation:
         spec = REGISTRY.get(self.cfg.defense)
         return coerce_options("defense", self.cfg.defense, spec.factory, self.cfg.defense_options())
 
+    @property
+    def poison_rate(self) -> float:
+        """Fraction of an attacker's samples its data attack poisons (0 without one)."""
+        return self.data_attack.poison_rate if self.data_attack is not None else 0.0
+
     def _device_data(self) -> SimData:
         cfg, plan, ds = self.cfg, self.plan, self.ds
-        rate = self.data_attack.poison_rate if self.data_attack is not None else 0.0
-        # Host-side draw, fixed per sample for the run (the reference draws it once, §1.6).
-        poison = np.random.RandomState(cfg.seed + 1).random_sample(len(ds.y_train)) < rate
-        m_ids = np.flatnonzero(plan.malicious)
-        rank = np.zeros(self.N, np.int32)
-        rank[m_ids] = np.arange(len(m_ids), dtype=np.int32)
+        poison = poison_draw(cfg.seed, len(ds.y_train), self.poison_rate)
+        rank = attacker_ranks(plan.malicious)
         local, members = client_blocks(plan.partition.indices, plan.partition.sizes, self.n_blocks)
         self.block_members = members
         proxy = np.asarray(plan.proxy_indices, np.int64)
@@ -864,12 +887,22 @@ class Simulation:
         return get_aggregator(self.cfg.defense, env, inputs_sanitized=True, **self.defense_opts)
 
     def init_state(self) -> RunState:
-        agg = self.aggregator(self.data)  # proxy rules refuse to build without proxy data
+        """The state before round 0: the seed's initial model, the aggregator's initial state,
+        SPMC's round-0 teachers and the rounds' root key."""
+        return self.initial_state(self.init_flat, self.round_key)
+
+    def initial_state(
+        self, init_flat: jax.Array, round_key: jax.Array, data: SimData | None = None
+    ) -> RunState:
+        """`init_state` for a given initial model and round key (another seed's federation of
+        the same shapes, `spmc_jax.batch`, which passes that federation's `data`)."""
+        # With the proxy ops bound: rules that need proxy data refuse to build without them.
+        agg = self.aggregator(data if data is not None else self.data)
         if not self.cfg.uses_spmc_client:
             teachers, ids = jnp.zeros((1, 1), jnp.float32), jnp.full((1,), -1, jnp.int32)
         elif self.cfg.spmc_teachers == "all":
             # Round-0 teachers: the initial model (§3.1).
-            teachers = jnp.broadcast_to(self.init_flat, (self.N, self.flat.dim))
+            teachers = jnp.broadcast_to(init_flat, (self.N, self.flat.dim))
             ids = jnp.arange(self.N, dtype=jnp.int32)
         else:
             # No participants yet: every client's teacher is the global (= initial) model.
@@ -877,12 +910,12 @@ class Simulation:
             ids = jnp.full((self.n,), -1, jnp.int32)
         state = self._place(
             RunState(
-                self.init_flat,
-                agg.init(self.init_flat),
+                init_flat,
+                agg.init(init_flat),
                 teachers,
                 ids,
-                self.round_key,
-                init_hook_states(self.hooks, self.init_flat),
+                round_key,
+                init_hook_states(self.hooks, init_flat),
             )
         )
         if self._shard_teachers:
@@ -1168,6 +1201,43 @@ def _to_host(tree: PyTree) -> PyTree:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def block_rows(
+    outs: RoundOut, metrics: dict[str, Any], start: int, malicious: np.ndarray, seconds: float
+) -> list[dict[str, Any]]:
+    """The history rows of one block of rounds (host arrays, `count` rounds stacked).
+
+    Args:
+      outs: the block's `RoundOut`, each field with a leading round axis.
+      metrics: the evaluation after the block's last round (scalars A, R, R_excl_target, V).
+      start: rounds completed before the block (its first row is round start + 1).
+      malicious: (N,) bool, the registered clients' attacker mask.
+      seconds: wall seconds per round of the block.
+    """
+    count = len(outs.client_ids)
+    rows = []
+    for j in range(count):
+        ids = np.asarray(outs.client_ids[j])
+        w = np.asarray(outs.client_weights[j], np.float64)
+        bad = np.asarray(outs.nonfinite[j], bool)
+        row: dict[str, Any] = {
+            "round": start + j + 1,  # 1-based, as printed and as in the paper's figures
+            "seconds": seconds,
+            "client_ids": ids.tolist(),
+            "client_weights": w.tolist(),
+            "attacker_weight": float(w[malicious[ids]].sum() / max(w.sum(), 1e-30)),
+            "loss": np.asarray(outs.loss[j]).tolist(),
+            "projected": np.asarray(outs.projected[j]).tolist(),
+            "nonfinite": int(bad.sum()),
+            "nonfinite_ids": ids[bad].astype(int).tolist(),
+        }
+        last = j == count - 1
+        for k in ("A", "R", "R_excl_target", "V"):
+            v = float(metrics[k]) if last else None
+            row[k] = None if v is None or math.isnan(v) else v
+        rows.append(row)
+    return rows
+
+
 def run(
     cfg: Config,
     ds: Dataset,
@@ -1210,6 +1280,8 @@ def run(
     if start_round > 0 and state is None:
         raise ValueError(f"start_round={start_round} needs the state after those rounds")
     sim = sim or Simulation(cfg, ds)
+    if sim.data is None:
+        raise ValueError("the Simulation was built with place_data=False; accepted: one with data")
     state = sim.init_state() if state is None else state
     history = list(history or [])
     r = start_round
@@ -1222,25 +1294,7 @@ def run(
         metrics = _to_host(sim.evaluate(state.global_flat, sim.data, state.hooks))
         outs = _to_host(outs)
         seconds = (time.perf_counter() - t0) / count
-        for j in range(count):
-            ids = np.asarray(outs.client_ids[j])
-            w = np.asarray(outs.client_weights[j], np.float64)
-            bad = np.asarray(outs.nonfinite[j], bool)
-            row: dict[str, Any] = {
-                "round": r + j + 1,  # 1-based, as printed and as in the paper's figures
-                "seconds": seconds,
-                "client_ids": ids.tolist(),
-                "client_weights": w.tolist(),
-                "attacker_weight": float(w[malicious[ids]].sum() / max(w.sum(), 1e-30)),
-                "loss": np.asarray(outs.loss[j]).tolist(),
-                "projected": np.asarray(outs.projected[j]).tolist(),
-                "nonfinite": int(bad.sum()),
-                "nonfinite_ids": ids[bad].astype(int).tolist(),
-            }
-            last = j == count - 1
-            for k in ("A", "R", "R_excl_target", "V"):
-                v = float(metrics[k]) if last else None
-                row[k] = None if v is None or math.isnan(v) else v
+        for row in block_rows(outs, metrics, r, malicious, seconds):
             history.append(row)
             if on_round is not None:
                 on_round(row)

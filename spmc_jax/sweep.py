@@ -17,6 +17,10 @@ A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol
                  reruns a killed one from scratch, or with --checkpoint-every N from its
                  latest checkpoint in cells/<id>.ckpt (results.jsonl is rebuilt from finished
                  cells only, so it never holds duplicate or partial rows)
+  cells/batch-<hash>.ckpt
+                 with --cell-batch N > 1, cells that share a program run as one batch
+                 (`spmc_jax.batch`: federations on an axis, the same numbers); its stacked
+                 state is checkpointed here, so a killed batch resumes mid-way
   .jax_cache/    JAX's persistent compilation cache: cells whose programs are identical (same
                  shapes and static configuration, e.g. FedAvg at γ 0.2 and 0.3) and resumed or
                  repeated sweeps load the compiled program instead of recompiling it
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.resources
 import json
 import math
@@ -462,6 +467,64 @@ def tidy_row(cell: Cell, cfg: Config, h: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _summary(
+    cell: Cell,
+    cfg: Config,
+    plan: Any,
+    hist: list[dict[str, Any]],
+    n_rows: int,
+    start: int,
+    sim: Any,
+    timing: dict[str, Any],
+    test_subsample: int | None,
+    n_train_full: int,
+    n_test_full: int,
+) -> dict[str, Any]:
+    """A finished cell's summary (cells/<id>.json), from its history and timings."""
+    from spmc_jax.metrics import last_k_means, learned
+
+    later = [h["seconds"] for h in hist[1:]]
+    final = last_k_means(hist)
+    return {
+        "cell": cell.id,
+        **cell._asdict(),
+        "attack": cfg.attack,
+        "local_epochs": plan.epochs,
+        "rows": n_rows,
+        "resumed_from_round": start or None,
+        "last5": final,
+        **learned(final["A"], sim.ds.num_classes),
+        "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
+        "r_trigger": sim.r_trigger,
+        "conv_impl": sim.conv_impl,
+        "defense_options_received": sim.defense_opts,  # what the rule was built with
+        "data": {
+            "name": plan.dataset,
+            "source": plan.dataset_source,
+            "n_train_full": n_train_full,
+            "n_train": plan.n_train,
+            "n_test_full": n_test_full,
+            "n_test": plan.n_test,
+            "test_subsample": test_subsample,
+        },
+        "plan": {
+            "num_params": plan.num_params,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "malicious_ids": [int(i) for i in plan.malicious.nonzero()[0]],
+            "memory_estimate_bytes": plan.memory["total"],
+        },
+        "timing": {
+            **timing,
+            # The first round's block includes compiling the round and the evaluator.
+            "first_round_s": round(hist[0]["seconds"], 3),
+            "later_round_s": round(sum(later) / len(later), 3) if later else None,
+        },
+        "config": cfg.to_dict(),
+        "config_key": _config_key(cfg, test_subsample),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
 def run_cell(
     cell: Cell,
     cfg: Config,
@@ -476,19 +539,21 @@ def run_cell(
     log: Callable[[str], object] = print,
     quiet: bool = False,
     checkpoint_every: int = 0,
+    deadline: Deadline | None = None,
 ) -> dict[str, Any]:
     """Train one cell, streaming its rows to cells/<id>.jsonl, then write its summary.
 
     With `checkpoint_every` N > 0 the cell's run state is saved to cells/<id>.ckpt after each
     evaluation block ending on a multiple of N; a cell killed mid-way then resumes from its
     latest checkpoint (same numbers as an uninterrupted run) instead of from round 1. The
-    checkpoints are deleted once the cell has finished.
+    checkpoints are deleted once the cell has finished. With a `deadline`, a block after
+    which the next one would not finish in time saves a checkpoint and raises
+    `SweepStopped`.
 
     Returns the summary (also written atomically to cells/<id>.json, the "done" marker).
     """
     from spmc_jax import checkpoint as ckpt_lib
     from spmc_jax.engine import Simulation, device_memory_bytes, make_plan, run
-    from spmc_jax.metrics import last_k_means, learned
 
     rows_path, summary_path = _cell_paths(out, cell)
     t0, c0, m0 = time.perf_counter(), time.process_time(), meter.snapshot()
@@ -505,7 +570,8 @@ def run_cell(
     ckpt_dir = rows_path.with_suffix(".ckpt")
     client_devices = 1 if sim.mesh is None else sim.mesh.size
     state, start, kept = None, 0, []
-    meta = ckpt_lib.latest_metadata(ckpt_dir) if checkpoint_every > 0 else None
+    # Any complete checkpoint is resumed (also one a time-limit stop left behind).
+    meta = ckpt_lib.latest_metadata(ckpt_dir)
     if meta is not None:
         try:
             ckpt_lib.check_resume(meta, cfg.to_dict(), client_devices)
@@ -520,11 +586,20 @@ def run_cell(
             log(f"    resuming after round {start} from {ckpt_dir}")
     if start == 0:
         ckpt_lib.clear(ckpt_dir)  # stale or unusable: this attempt starts afresh
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir) if checkpoint_every > 0 else None
+    saving = checkpoint_every > 0 or deadline is not None
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir) if saving else None
+    block_start = [time.perf_counter()]
 
     def on_checkpoint(st: Any, rounds_done: int) -> None:
-        if ckpt is not None and rounds_done % checkpoint_every == 0 and rounds_done < cfg.rounds:
+        now = time.perf_counter()
+        block_s, block_start[0] = now - block_start[0], now
+        if rounds_done >= cfg.rounds or ckpt is None:
+            return
+        stop = deadline is not None and deadline.too_late(block_s)
+        if stop or (checkpoint_every > 0 and rounds_done % checkpoint_every == 0):
             ckpt.save(st, rounds_done, cfg.to_dict(), client_devices)
+        if stop:
+            raise SweepStopped(f"{cell.id}: stopped after round {rounds_done} (time limit)")
 
     rows: list[dict[str, Any]] = list(kept)
     # "w": a killed earlier attempt's rows past its checkpoint (or all of them) are discarded.
@@ -561,50 +636,17 @@ def run_cell(
         fh.flush()
         os.fsync(fh.fileno())
     ckpt_lib.clear(ckpt_dir)  # finished: the summary below is the cell's record
-    hist = result.history
-    later = [h["seconds"] for h in hist[1:]]
-    final = last_k_means(hist)
-    summary = {
-        "cell": cell.id,
-        **cell._asdict(),
-        "attack": cfg.attack,
-        "local_epochs": plan.epochs,
-        "rows": len(rows),
-        "resumed_from_round": start or None,
-        "last5": final,
-        **learned(final["A"], ds.num_classes),
-        "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
-        "r_trigger": sim.r_trigger,
-        "conv_impl": sim.conv_impl,
-        "defense_options_received": sim.defense_opts,  # what the rule was built with
-        "data": {
-            "name": plan.dataset,
-            "source": plan.dataset_source,
-            "n_train_full": n_train_full,
-            "n_train": plan.n_train,
-            "n_test_full": n_test_full,
-            "n_test": plan.n_test,
-            "test_subsample": test_subsample,
-        },
-        "plan": {
-            "num_params": plan.num_params,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "malicious_ids": [int(i) for i in plan.malicious.nonzero()[0]],
-            "memory_estimate_bytes": est,
-        },
-        "timing": {
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "cpu_s": round(time.process_time() - c0, 3),
-            "build_s": round(build_s, 3),
-            # The first round's block includes compiling the round and the evaluator.
-            "first_round_s": round(hist[0]["seconds"], 3),
-            "later_round_s": round(sum(later) / len(later), 3) if later else None,
-            **_CompileMeter.delta(meter.snapshot(), m0),
-        },
-        "config": cfg.to_dict(),
-        "config_key": _config_key(cfg, test_subsample),
-        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    timing = {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "cpu_s": round(time.process_time() - c0, 3),
+        "build_s": round(build_s, 3),
+        **_CompileMeter.delta(meter.snapshot(), m0),
     }
+    summary = _summary(
+        cell, cfg, plan, result.history, len(rows), start, sim, timing, test_subsample,
+        n_train_full, n_test_full,
+    )  # fmt: skip
+    summary["cell_batch"] = [cell.id]  # the cells of its program: itself alone
     _write_atomic(summary_path, json.dumps(summary, indent=1))
     return summary
 
@@ -619,6 +661,162 @@ def cells_progress(done: int, total: int, ran: Sequence[str], t0: float) -> str:
     return f"{done}/{total} cells done, {left}"
 
 
+class SweepStopped(Exception):
+    """The sweep stopped before its time limit; rerunning it with the same --out resumes."""
+
+
+class Deadline:
+    """A wall-clock limit: `too_late(s)` when `s` more seconds would pass it."""
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"--time-limit must be > 0 seconds, got {seconds}")
+        self.seconds = seconds
+        self.end = time.perf_counter() + seconds
+
+    def too_late(self, next_seconds: float) -> bool:
+        return time.perf_counter() + next_seconds > self.end
+
+
+def _batch_dir(out: Path, cells: Sequence[Cell]) -> Path:
+    """cells/batch-<hash>.ckpt: the checkpoints of exactly this batch of cells."""
+    h = hashlib.sha1("\n".join(c.id for c in cells).encode()).hexdigest()[:12]
+    return out / "cells" / f"batch-{h}.ckpt"
+
+
+def run_cell_batch(
+    cells: Sequence[Cell],
+    cfgs: Sequence[Config],
+    ds: Dataset,
+    out: Path,
+    *,
+    meter: _CompileMeter,
+    n_train_full: int,
+    n_test_full: int,
+    test_subsample: int | None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], object] = print,
+    quiet: bool = False,
+    checkpoint_every: int = 0,
+    deadline: Deadline | None = None,
+) -> list[dict[str, Any]]:
+    """Train cells that share a program as one batch (`spmc_jax.batch`); like `run_cell`.
+
+    Each cell streams its rows to cells/<id>.jsonl and gets its summary once the batch is
+    done. The batch's stacked state is checkpointed to cells/batch-<hash>.ckpt (every
+    `checkpoint_every` rounds, and when stopping before the `deadline`); a rerun of the same
+    batch resumes from it when every cell's configuration and rows still match.
+
+    Returns the cells' summaries (timings: the batch's wall and CPU time split evenly).
+    """
+    from spmc_jax import batch as batch_lib
+    from spmc_jax import checkpoint as ckpt_lib
+    from spmc_jax.engine import make_plan
+
+    t0, c0, m0 = time.perf_counter(), time.process_time(), meter.snapshot()
+    plans = [make_plan(c, ds) for c in cfgs]
+    bsim = batch_lib.BatchedSimulation(cfgs, ds, plans)
+    build_s = time.perf_counter() - t0
+    ckpt_dir = _batch_dir(out, cells)
+    paths = [_cell_paths(out, c) for c in cells]
+    rounds = cfgs[0].rounds
+    ckpt_config = {"cells": {c.id: cfg.to_dict() for c, cfg in zip(cells, cfgs, strict=True)}}
+    states: Any = None
+    start = 0
+    kept: list[list[dict[str, Any]]] = [[] for _ in cells]
+    meta = ckpt_lib.latest_metadata(ckpt_dir)
+    if meta is not None:
+        done = int(meta["rounds_done"])
+        stored = meta["config"].get("cells", {})
+        diffs = {
+            c.id: ckpt_lib.config_diff(stored[c.id], cfg.to_dict(), done)
+            for c, cfg in zip(cells, cfgs, strict=True)
+            if c.id in stored
+        }
+        rows_so_far = [ckpt_lib.completed_rows(p[0], done) for p in paths]
+        if set(stored) != {c.id for c in cells} or any(diffs.values()):
+            log(f"    batch checkpoint not used (other cells or configuration: {diffs})")
+        elif any(r is None for r in rows_so_far):
+            log("    batch checkpoint not used (a cell's rows are missing)")
+        else:
+            start, kept = done, [r or [] for r in rows_so_far]
+            with ckpt_lib.Checkpointer(ckpt_dir) as reader:
+                states, _ = reader.restore(bsim.init_states(), start)
+            log(f"    resuming the batch after round {start} from {ckpt_dir}")
+    if start == 0:
+        ckpt_lib.clear(ckpt_dir)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir) if checkpoint_every > 0 or deadline else None
+    rows: list[list[dict[str, Any]]] = [list(k) for k in kept]
+    handles = [p[0].open("w", encoding="utf-8") for p in paths]
+    try:
+        for fh, k in zip(handles, kept, strict=True):
+            fh.writelines(json.dumps(row) + "\n" for row in k)
+
+        def on_round(f: int, h: dict[str, Any]) -> None:
+            row = tidy_row(cells[f], cfgs[f], h)
+            handles[f].write(json.dumps(row) + "\n")
+            handles[f].flush()
+            rows[f].append(row)
+            if on_row is not None:
+                on_row(row)
+            if not quiet and row["A"] is not None:
+                log(f"    {cells[f].id} " + round_line(row, rounds))
+            warn = nonfinite_line(h, rounds)
+            if warn is not None:
+                log(f"    {cells[f].id} {warn}")
+
+        def on_checkpoint(st: Any, rounds_done: int, block_s: float) -> None:
+            if rounds_done >= rounds or ckpt is None:
+                return
+            stop = deadline is not None and deadline.too_late(block_s)
+            if stop or (checkpoint_every > 0 and rounds_done % checkpoint_every == 0):
+                ckpt.save(st, rounds_done, ckpt_config, 1)
+            if stop:
+                raise SweepStopped(
+                    f"batch of {len(cells)} cells stopped after round {rounds_done} (time limit)"
+                )
+
+        try:
+            result = batch_lib.run_batch(
+                bsim,
+                on_round,
+                states=states,
+                start_round=start,
+                histories=kept,
+                on_checkpoint=on_checkpoint,
+            )
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        for fh in handles:
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        for fh in handles:
+            fh.close()
+    ckpt_lib.clear(ckpt_dir)
+    n = len(cells)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    compile_ = _CompileMeter.delta(meter.snapshot(), m0)
+    summaries = []
+    for f, cell in enumerate(cells):
+        timing = {
+            "wall_s": round(wall / n, 3),
+            "cpu_s": round(cpu / n, 3),
+            "build_s": round(build_s / n, 3),
+            **{k: round(v / n, 3) for k, v in compile_.items()},
+            "batch": {"cells": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)},
+        }
+        summary = _summary(
+            cell, cfgs[f], plans[f], result.histories[f], len(rows[f]), start, bsim.sim,
+            timing, test_subsample, n_train_full, n_test_full,
+        )  # fmt: skip
+        summary["cell_batch"] = [c.id for c in cells]
+        _write_atomic(paths[f][1], json.dumps(summary, indent=1))
+        summaries.append(summary)
+    return summaries
+
+
 @dataclasses.dataclass
 class SweepResult:
     """What `run_sweep` did: cell ids it ran and skipped, and every finished cell's summary."""
@@ -627,6 +825,26 @@ class SweepResult:
     ran: list[str]
     skipped: list[str]
     summaries: dict[str, dict[str, Any]]
+    stopped: bool = False  # stopped before the time limit; rerun to finish
+
+
+def auto_cell_batch(cfg: Config, ds: Dataset) -> int:
+    """`--cell-batch` default: as many federations like `cfg` as the memory estimate fits on
+    an accelerator (at most 64). 1 on CPU, where a batch computes no faster than its cells
+    one after another (benchmarks/RESULTS.md, "Sweep throughput": 0.66-0.90x per round
+    once compiled), and when a client mesh shards the clients (batches run on one device)."""
+    import jax
+
+    from spmc_jax import sharding as sharding_lib
+    from spmc_jax.batch import max_cell_batch
+    from spmc_jax.engine import make_plan
+
+    if jax.default_backend() == "cpu":
+        return 1
+    if sharding_lib.resolve_device_count(cfg.devices, math.gcd(cfg.n_per_round, cfg.clients)) > 1:
+        return 1
+    fits = max_cell_batch(make_plan(cfg, ds))
+    return 64 if fits is None else min(fits, 64)
 
 
 def run_sweep(
@@ -639,6 +857,8 @@ def run_sweep(
     log: Callable[[str], object] = print,
     quiet: bool = False,
     checkpoint_every: int = 0,
+    cell_batch: int | None = 1,
+    time_limit: float | None = None,
 ) -> SweepResult:
     """Run every unfinished cell of `spec` into `out`, then render the table and figure.
 
@@ -653,10 +873,20 @@ def run_sweep(
       quiet: no per-round lines.
       checkpoint_every: N > 0 saves each running cell's state every N rounds, so a killed
         sweep resumes its interrupted cell mid-way (see `run_cell`); 0 reruns it from round 1.
+      cell_batch: how many cells sharing a program run as one batch (`spmc_jax.batch`);
+        1 = one by one; None = as many as the memory estimate fits (per dataset).
+        Batches are formed from the whole grid (same-program cells in grid order), so a
+        resumed sweep forms the same batches and finds their checkpoints.
+      time_limit: seconds; the sweep stops (checkpointing the running cell or batch) when the
+        next evaluation block or cell would end past it, and returns `stopped=True`.
     """
+    from spmc_jax.batch import group_batches
     from spmc_jax.runinfo import environment
 
     spec.validate()
+    if cell_batch is not None and cell_batch < 1:
+        raise ValueError(f"--cell-batch must be >= 1 (1 = one by one), got {cell_batch}")
+    deadline = Deadline(time_limit) if time_limit is not None else None
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cache_dir = enable_jax_cache(out / ".jax_cache") if jax_cache else None
@@ -680,11 +910,12 @@ def run_sweep(
         f"{len(skipped)} already finished, {len(todo)} to run -> {out}"
     )
     ran: list[str] = []
+    stopped, first_block_s = False, 0.0  # the longest first block seen (compile included)
     t0, c0 = time.perf_counter(), time.process_time()
     with _CompileMeter() as meter:
         for name in spec.datasets:
             pending = [c for c in todo if c.dataset == name]
-            if not pending:
+            if not pending or stopped:
                 continue
             t_load = time.perf_counter()
             raw = loader(name, data_dir=spec.base.data_dir, fetch=spec.base.fetch)
@@ -693,18 +924,29 @@ def run_sweep(
                 f"{name}: {len(raw.y_train):,} train / {len(raw.y_test):,} test images "
                 f"({raw.source}) loaded in {time.perf_counter() - t_load:.1f} s"
             )
-            for cell in pending:
-                cfg = spec.config(cell)
-                k = cells.index(cell) + 1
-                log(
-                    f"[{k}/{len(cells)}] {cell.id}: {cfg.epochs} local epoch(s), "
-                    f"{cfg.rounds} rounds; {cells_progress(len(done), len(cells), ran, t0)}"
+            size = cell_batch or auto_cell_batch(spec.config(pending[0]), ds)
+            grid = [c for c in cells if c.dataset == name]
+            groups = [
+                [grid[i] for i in g if grid[i].id not in done]
+                for g in group_batches([spec.config(c) for c in grid], size)
+            ]
+            for group in (g for g in groups if g):
+                # Every call makes progress: the check starts after this call's first cell.
+                if deadline is not None and ran and deadline.too_late(first_block_s):
+                    stopped = True
+                    break
+                cfgs = [spec.config(c) for c in group]
+                k = cells.index(group[0]) + 1
+                what = (
+                    group[0].id
+                    if len(group) == 1
+                    else f"batch of {len(group)}: " + ", ".join(c.id for c in group)
                 )
-                summary = run_cell(
-                    cell,
-                    cfg,
-                    ds,
-                    out,
+                log(
+                    f"[{k}/{len(cells)}] {what}: {cfgs[0].epochs} local epoch(s), "
+                    f"{cfgs[0].rounds} rounds; {cells_progress(len(done), len(cells), ran, t0)}"
+                )
+                kw: dict[str, Any] = dict(
                     meter=meter,
                     n_train_full=len(raw.y_train),
                     n_test_full=len(raw.y_test),
@@ -713,17 +955,29 @@ def run_sweep(
                     log=log,
                     quiet=quiet,
                     checkpoint_every=checkpoint_every,
+                    deadline=deadline,
                 )
-                done[cell.id] = summary
-                ran.append(cell.id)
-                t = summary["timing"]
-                m = summary["last5"]
-                log(
-                    f"    done in {t['wall_s']:.1f} s (CPU {t['cpu_s']:.1f} s; compile "
-                    f"{t['backend_compile_s']:.1f} s, trace+lower "
-                    f"{t['trace_s'] + t['lower_s']:.1f} s, cache hits {t['cache_hits']:.0f}): "
-                    f"A {_fmt(m['A'])}  R {_fmt(m['R'])}  V {_fmt(m['V'])}"
-                )
+                try:
+                    if len(group) == 1:
+                        finished = [run_cell(group[0], cfgs[0], ds, out, **kw)]
+                    else:
+                        finished = run_cell_batch(group, cfgs, ds, out, **kw)
+                except SweepStopped as err:
+                    log(f"    {err}; rerun with the same --out to continue")
+                    stopped = True
+                    break
+                for summary in finished:
+                    done[summary["cell"]] = summary
+                    ran.append(summary["cell"])
+                    t = summary["timing"]
+                    first_block_s = max(first_block_s, t["first_round_s"])
+                    m = summary["last5"]
+                    log(
+                        f"    {summary['cell']} done in {t['wall_s']:.1f} s (CPU "
+                        f"{t['cpu_s']:.1f} s; compile {t['backend_compile_s']:.1f} s, trace+lower "
+                        f"{t['trace_s'] + t['lower_s']:.1f} s, cache hits {t['cache_hits']:.0f}): "
+                        f"A {_fmt(m['A'])}  R {_fmt(m['R'])}  V {_fmt(m['V'])}"
+                    )
                 # Keep results.jsonl and table.md current, so a long sweep can be read mid-way.
                 rebuild_results(out, spec, done)
                 write_table(out, spec, done, env)
@@ -738,7 +992,7 @@ def run_sweep(
         not_learned={(s["defense"], s["gamma"]) for s in done.values() if not _learned(s)},
     )
     record.update(
-        status="finished",
+        status="stopped (time limit)" if stopped else "finished",
         finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         ran=ran,
         skipped=skipped,
@@ -752,7 +1006,7 @@ def run_sweep(
         f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'curves.png'}, "
         f"{out / 'sweep.json'} ({record['wall_s']:.1f} s, CPU {record['cpu_s']:.1f} s)"
     )
-    return SweepResult(out, ran, skipped, done)
+    return SweepResult(out, ran, skipped, done, stopped)
 
 
 # ----------------------------------------------------------------------------- table
@@ -1197,7 +1451,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet", action="store_true", help="print no per-round lines, only one line per cell"
     )
+    p.add_argument(
+        "--cell-batch",
+        default="auto",
+        metavar="N",
+        help="run up to N cells that share a program (same dataset and method; seeds and, "
+        "where no program reads the attacker count, gammas differ) as one batched program: "
+        "same numbers as one by one; 'auto' (default): as many as the memory estimate fits "
+        "on an accelerator, 1 on CPU (no faster there once compiled); 1 = one by one",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop (checkpointing the running cell or batch) before this many seconds have "
+        "passed; exit code 3 = unfinished, rerun with the same --out to continue",
+    )
     return p
+
+
+STOPPED_EXIT_CODE = 3  # main's exit code when --time-limit stopped the sweep before its end
+
+
+def _cell_batch(value: str) -> int | None:
+    """'auto' -> None, else an integer >= 1."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--cell-batch expects 'auto' or an integer >= 1, got {value!r}")
+    return n
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
@@ -1278,6 +1564,9 @@ def main(
 
     try:
         spec = spec_from_args(args)
+        cell_batch = _cell_batch(args.cell_batch)
+        if args.time_limit is not None and not args.time_limit > 0:
+            raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.checkpoint_every < 0:
             raise ValueError(
                 f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}"
@@ -1292,7 +1581,7 @@ def main(
                 )
             print(f"dry run: {len(spec.cells())} cells, {len(done)} finished")
             return 0
-        run_sweep(
+        result = run_sweep(
             spec,
             out,
             dataset_loader=dataset_loader,
@@ -1300,11 +1589,13 @@ def main(
             quiet=args.quiet,
             log=lambda s: print(s, flush=True),
             checkpoint_every=args.checkpoint_every,
+            cell_batch=cell_batch,
+            time_limit=args.time_limit,
         )
     except (ValueError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return STOPPED_EXIT_CODE if result.stopped else 0
 
 
 if __name__ == "__main__":

@@ -59,3 +59,22 @@ def test_core_scaling_one_core(tmp_path):
     # One core is the baseline itself: speed-up 1, bound 1 / 1.
     assert run["cores"] == 1 and run["speedup_seq_client"] == 1.0
     assert run["bound_client_parallel_vs_loop"] == 1.0 and run["seq_client_s_per_step"] > 0
+
+
+def test_sweep_throughput_tiny(tmp_path):
+    out = tmp_path / "s.json"
+    argv = "--cells 1 --rounds 2 --clients 4 --model mlp --subsample 480 --n-test 100"
+    assert (
+        _load("sweep_throughput").main([*argv.split(), "--batch-size", "32", "--json", str(out)])
+        == 0
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["cells"] == 1 and row["defense"] == "fedavg"
+    for mode in ("one_by_one", "batched"):
+        m = row[mode]
+        assert math.isclose(m["cells_per_hour"], 1 / m["wall_s"] * 3600, rel_tol=1e-3)
+    assert math.isclose(
+        row["speedup_wall"], row["one_by_one"]["wall_s"] / row["batched"]["wall_s"], rel_tol=1e-2
+    )
+    # Batched and one by one are the same federations: accuracies agree within one test image.
+    assert row["max_abs_diff_pct"]["A"] <= 1.0 and row["max_abs_diff_pct"]["R"] <= 1.0
