@@ -1465,7 +1465,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="stop (checkpointing the running cell or batch) before this many seconds have "
-        "passed; exit code 3 = unfinished, rerun with the same --out to continue",
+        "passed; exit code 3 = unfinished, rerun with the same --out to continue "
+        "(default: no limit)",
     )
     return p
 

@@ -205,7 +205,7 @@ def test_resuming_with_another_configuration_is_refused(swept, tmp_path, capsys)
     [
         (["--preset", "nope"], "unknown preset 'nope'; accepted: table2, smoke"),
         (["--preset", "smoke", "--defenses", "fedavg", "bogus"],
-         "unknown defense 'bogus'; accepted: bulyan"),
+         "unknown defense 'bogus'; accepted: auror, bucketing, bulyan"),
         (["--preset", "smoke", "--datasets", "svhn"], "accepted: mnist, fashion_mnist, cifar10"),
         (["--preset", "smoke", "--protocol", "nope"], "accepted: paper, fair"),
         (["--preset", "smoke", "--gammas", "1.5"], "--gamma must be in [0, 1)"),

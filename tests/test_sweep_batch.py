@@ -47,7 +47,7 @@ def test_killed_batch_resumes_and_every_cell_gets_its_alone_numbers(tmp_path):
     ids = [c.id for c in spec.cells()]  # g0.25-s0, g0.25-s1, g0.5-s0, g0.5-s1
 
     def kill_in_round_2(row):
-        if row["round"] == 1:  # the checkpoint holds round 0; one cell's row 1 is torn off
+        if row["round"] == 2:  # the checkpoint holds round 1; one cell's row 2 is torn off
             raise _Kill
 
     with pytest.raises(_Kill):

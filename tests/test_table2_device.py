@@ -65,8 +65,8 @@ def test_device_script_stops_at_its_time_limit_and_a_second_call_finishes(tmp_pa
     assert "resuming the batch after round 1" in second.stdout
     o2 = tmp_path / "o2"
     rows = [json.loads(x) for x in (o2 / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["gamma"], r["round"]) for r in rows) == [(0.25, 0), (0.25, 1), (0.5, 0),
-                                                              (0.5, 1)]  # fmt: skip
+    assert sorted((r["gamma"], r["round"]) for r in rows) == [(0.25, 1), (0.25, 2), (0.5, 1),
+                                                              (0.5, 2)]  # fmt: skip
     assert all(r["A"] is not None for r in rows)
     assert "γ = 0.25" in (o2 / "table.md").read_text()
     assert (o2 / "curves.png").stat().st_size > 0
