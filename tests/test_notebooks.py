@@ -169,7 +169,7 @@ def test_quickstart_runs_fedavg_and_spmc_and_reports_weights(tmp_path, real_data
 # ----------------------------------------------------------------------------- tpu_sweep
 def _parse_cell(text: str) -> list[float]:
     """'12.34↑ / 5.60 / **8.97**' -> [12.34, 5.6, 8.97]."""
-    return [float(re.sub(r"[*↑↓]", "", x)) for x in text.split(" / ")]
+    return [float(re.sub(r"[*↑↓† ]", "", x)) for x in text.split(" / ")]
 
 
 def test_tpu_sweep_shards_clients_renders_table_and_times_rounds(tmp_path, real_dataset):
