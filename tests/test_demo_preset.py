@@ -66,7 +66,7 @@ def test_train_demo_preset_reaches_the_run(tmp_path, real_dataset):
     out = tmp_path / "plan"
     assert main(["--preset", "demo", "--dry-run", "--no-fetch", "--out", str(out)]) == 0
     plan = json.loads((out / "plan.json").read_text())
-    for key in ("dataset", "model", "rounds", "subsample", "local_epochs", "protocol"):
+    for key in ("dataset", "model", "rounds", "subsample", "protocol"):
         assert plan["config"][key] == demo[key], key
     clients = plan["plan"]["clients"]
     assert len(clients) == demo["clients"]
@@ -85,7 +85,14 @@ def test_sweep_demo_preset_matches_train_and_validates():
         if key != "protocol":  # the sweep's protocol is its own flag (default: paper)
             assert getattr(cfg, key) == value, key
     assert spec.protocol == PRESETS["demo"]["protocol"]
-    assert {spec.config(c).epochs for c in spec.cells()} == {PRESETS["demo"]["local_epochs"]}
+    # The paper protocol: SPMC 10 local epochs, the baselines 1.
+    assert {c.defense: spec.config(c).epochs for c in spec.cells()} == {
+        "fedavg": 1,
+        "dnc": 1,
+        "rfa": 1,
+        "rlr": 1,
+        "spmc": 10,
+    }
     assert "demo" in sweep.list_presets()
 
 

@@ -199,7 +199,7 @@ def test_resuming_with_another_configuration_is_refused(swept, tmp_path, capsys)
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--preset", "nope"], "unknown preset 'nope'; accepted: table2, smoke"),
+        (["--preset", "nope"], "unknown preset 'nope'; accepted: table2, smoke, demo"),
         (["--preset", "smoke", "--defenses", "fedavg", "bogus"],
          "unknown defense 'bogus'; accepted: bulyan"),
         (["--preset", "smoke", "--datasets", "svhn"], "accepted: mnist, fashion_mnist, cifar10"),
