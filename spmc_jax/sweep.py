@@ -830,7 +830,7 @@ def _cell_text(
 
 
 def _implant_text(implanted: bool | None, group: Sequence[Mapping[str, Any]]) -> str:
-    """The *FedAvg implanted?* cell: yes/no † with FedAvg's R excl. target, or – (no FedAvg)."""
+    """FedAvg's implant status in one column: yes / no † with its R excl. target, or –."""
     if implanted is None:
         return "– (no FedAvg cell)"
     r = _fmt(_mean(s["last5"].get("R_excl_target") for s in group), 1).strip()
