@@ -91,6 +91,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         # than the 2-round training itself; the header of table.md says the test set is cut.
         "test_subsample": 2000,
     },
+    "demo": {
+        "description": "a CPU-sized run where FedAvg's backdoor implants (about 10 minutes on 2 "
+        "cores): FedAvg, DnC, RFA, RLR and SPMC on a 12,000-image MNIST slice, the MLP, "
+        "10 clients, 50 rounds, gamma 0.2, paper protocol (config.PRESETS['demo'])",
+        "grid": {
+            "datasets": ("mnist",),
+            "defenses": ("fedavg", "dnc", "rfa", "rlr", "spmc"),
+            "gammas": (0.2,),
+            "seeds": (0,),
+        },
+        # = config.PRESETS["demo"] (tests check it) but the protocol, which is the sweep's
+        # --protocol (default paper, as there).
+        "config": {
+            "dataset": "mnist",
+            "subsample": 12000,
+            "clients": 10,
+            "rounds": 50,
+            "model": "mlp",
+        },
+        "dataset_config": {},
+        # A 2,000-image stratified test slice, as in smoke: evaluation dominates tiny rounds.
+        "test_subsample": 2000,
+    },
 }
 
 # Config fields that may differ between a finished cell and its rerun without changing results.
@@ -1015,6 +1038,17 @@ def _learned(summary: Mapping[str, Any]) -> bool:
     return bool(summary.get("learned", True))
 
 
+# The undefended attack "implanted" when FedAvg's last-5-round R_excl_target (100 − attack
+# success on triggered non-target images) is below this, i.e. attack success >= 80 %.
+IMPLANTED_R_EXCL = 20.0
+
+
+def _implanted(group: Sequence[Mapping[str, Any]]) -> bool | None:
+    """Whether FedAvg's backdoor implanted in these cells (seeds averaged); None: no cells."""
+    r = _mean(s["last5"].get("R_excl_target") for s in group)
+    return None if r is None else r < IMPLANTED_R_EXCL
+
+
 def _mean(xs: Iterable[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(vals) / len(vals) if vals else None
@@ -1059,6 +1093,14 @@ def _cell_text(
             s = f"**{s}**"
         parts.append(s + (_arrow(v, ref.get(key)) if ref is not None else ""))
     return ("⚠ " if dead else "") + " / ".join(parts)
+
+
+def _implant_text(implanted: bool | None, group: Sequence[Mapping[str, Any]]) -> str:
+    """FedAvg's implant status in one column: yes / no † with its R excl. target, or –."""
+    if implanted is None:
+        return "– (no FedAvg cell)"
+    r = _fmt(_mean(s["last5"].get("R_excl_target") for s in group), 1).strip()
+    return f"yes (R excl. target {r})" if implanted else f"no † (R excl. target {r})"
 
 
 def _best(values: dict[str, float | None]) -> set[str]:
@@ -1169,6 +1211,10 @@ def render_table(
         f"chance accuracy (A within {CHANCE_MARGIN:g} points of 100/classes; `learned: false` "
         "in its cell "
         "summary): its R = 100 only means it predicts nothing, so it is never bold. "
+        f"†: FedAvg's backdoor did not implant in this γ/dataset (its R excl. target ≥ "
+        f"{IMPLANTED_R_EXCL:g}, i.e. attack success < {100 - IMPLANTED_R_EXCL:g} %): a high R "
+        "there shows nothing about the defense (the line under each table gives FedAvg's "
+        "R excl. target). "
         "R = 100 − attack success rate on all triggered test "
         "images (the reference's definition, target class included; `R_excl_target` in "
         "results.jsonl excludes it). The *published* line under each method is the paper's "
@@ -1188,6 +1234,11 @@ def render_table(
                     ours[d, ds] = {k: _mean(s["last5"][k] for s in group) for k in ("A", "R", "V")}
                     if not all(_learned(s) for s in group):
                         dead.add((d, ds))
+        fedavg = {
+            ds: [s for s in done if (s["defense"], s["dataset"], s["gamma"]) == ("fedavg", ds, g)]
+            for ds in cols
+        }
+        implanted = {ds: _implanted(fedavg[ds]) for ds in cols}
         theirs = {(d, ds): pub[g, d, ds] for d in rows for ds in cols if (g, d, ds) in pub}
         best_ours = {
             ds: _best({d: v["V"] for (d, c), v in ours.items() if c == ds and (d, c) not in dead})
@@ -1211,6 +1262,7 @@ def render_table(
                     d in best_ours[ds],
                     dead=(d, ds) in dead,
                 )
+                + (" †" if implanted[ds] is False and (d, ds) in ours else "")
                 for ds in cols
             ]
             lines.append(f"| {names.get(d, d)} | " + " | ".join(cells) + " |")
@@ -1224,6 +1276,14 @@ def render_table(
                     )
                     pcells.append("–" if t == "–" else f"*{t}*")
                 lines.append("| *published* | " + " | ".join(pcells) + " |")
+        lines += [
+            "",
+            "FedAvg's backdoor implanted (R excl. target < "
+            f"{IMPLANTED_R_EXCL:g}) at γ = {g:g}: "
+            + "; ".join(
+                f"{_dataset_name(ds)} {_implant_text(implanted[ds], fedavg[ds])}" for ds in cols
+            ),
+        ]
     lines += [
         "",
         "## Cells",

@@ -36,6 +36,7 @@ from spmc_jax.config import (
     DATASETS,
     MODELS,
     PARTITIONS,
+    PRESETS,
     PROTOCOLS,
     SPMC_SPACES,
     SPMC_TEACHERS,
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
             f"{DEFAULTS.attack}, {DEFAULTS.clients} clients, {DEFAULTS.rounds} rounds."
         ),
         formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start from a named configuration (config.PRESETS: "
+        + "; ".join(f"{k}: {_preset_text(k)}" for k in PRESETS)
+        + "); flags given explicitly override it (--attack-opt adds to its attack options, "
+        "replacing a repeated key)",
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of {', '.join(DATASETS)}")
@@ -390,6 +400,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preset_text(name: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) or "the defaults"
+
+
+# Config fields whose command-line flag stores the negation.
+_NEGATED_FLAGS = {
+    "fetch": "no_fetch",
+    "projection": "no_projection",
+    "server_weighting": "no_server_weighting",
+}
+
+
+def preset_defaults(name: str) -> dict[str, Any]:
+    """`config.PRESETS[name]` as argparse defaults (dest -> value) for `build_parser()`.
+
+    Setting these as the parser's defaults and parsing again makes every explicit flag win
+    over the preset. Raises ValueError for an unknown preset or a field without a flag.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}")
+    dests = {a.dest for a in build_parser()._actions}
+    out: dict[str, Any] = {}
+    for key, value in PRESETS[name].items():
+        if key in _NEGATED_FLAGS:
+            out[_NEGATED_FLAGS[key]] = not value
+        elif key == "attack_opts":
+            out["attack_opt"] = [f"{a}.{k}={v}" for a, k, v in value]
+        elif key == "defense_opts":
+            out["defense_opt"] = [f"{k}={v}" for k, v in value]
+        elif key in dests:
+            out[key] = value
+        else:
+            raise ValueError(f"preset {name!r}: {key!r} is not a train option")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; with --preset, its values become the defaults (flags win)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        parser.set_defaults(**preset_defaults(args.preset))
+        args = parser.parse_args(argv)
+    return args
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     attack_opts = []
     for item in args.attack_opt or []:
@@ -642,8 +698,7 @@ def plot_curves(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.defense == "help":
         print(list_registry("defense"))
         return 0

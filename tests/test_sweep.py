@@ -102,7 +102,7 @@ def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
 
 
 def _parse_cell(cell: str) -> list[float]:
-    return [float(re.sub(r"[*↑↓]", "", x)) for x in cell.split(" / ")]
+    return [float(re.sub(r"[*↑↓† ]", "", x)) for x in cell.split(" / ")]
 
 
 def test_table_has_both_methods_the_paper_numbers_arrows_and_bold_best_v(swept):
@@ -127,7 +127,9 @@ def test_table_has_both_methods_the_paper_numbers_arrows_and_bold_best_v(swept):
     assert "**" in rows[best][0].split(" / ")[2]
     if round(spmc["V"], 2) != round(fed["V"], 2):
         assert "**" not in rows[other][0]
-    for k, part in zip(("A", "R", "V"), rows["SPMC"][0].split(" / "), strict=True):
+    for k, part in zip(
+        ("A", "R", "V"), rows["SPMC"][0].removesuffix(" †").split(" / "), strict=True
+    ):
         a, b = round(spmc[k], 2), round(fed[k], 2)
         arrow = part[-1] if part[-1] in "↑↓" else ""
         assert arrow == ("↑" if a > b else "↓" if a < b else "")
@@ -203,7 +205,7 @@ def test_resuming_with_another_configuration_is_refused(swept, tmp_path, capsys)
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--preset", "nope"], "unknown preset 'nope'; accepted: table2, smoke"),
+        (["--preset", "nope"], "unknown preset 'nope'; accepted: table2, smoke, demo"),
         (["--preset", "smoke", "--defenses", "fedavg", "bogus"],
          "unknown defense 'bogus'; accepted: auror, bucketing, bulyan"),
         (["--preset", "smoke", "--datasets", "svhn"], "accepted: mnist, fashion_mnist, cifar10"),
@@ -295,7 +297,8 @@ def test_render_table_layout_order_seed_means_ties_and_missing_cells():
     assert list(rows) == ["FedAvg", "published FedAvg", "SPMC", "published SPMC", "krum"]
     # Columns in the paper's order: CIFAR-10 before MNIST.
     assert "| method | CIFAR-10 | MNIST |" in text
-    assert rows["FedAvg"] == ["50.00 / 50.00 / **50.00**", "85.00 / 15.00 / 50.00"]
+    # † : FedAvg's CIFAR-10 attack did not implant (R excl. target 50 >= 20).
+    assert rows["FedAvg"] == ["50.00 / 50.00 / **50.00** †", "85.00 / 15.00 / 50.00"]
     assert rows["SPMC"] == ["–", "70.00↓ / 50.00↑ / **60.00**↑"]
     assert rows["krum"] == ["–", "85.00 / 35.00↑ / **60.00**↑"]  # tie: both bold
     assert rows["published SPMC"][0] == "*66.78↑ / 85.32↑ / **76.05**↑*"
