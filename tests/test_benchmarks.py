@@ -78,3 +78,23 @@ def test_sweep_throughput_tiny(tmp_path):
     )
     # Batched and one by one are the same federations: accuracies agree within one test image.
     assert row["max_abs_diff_pct"]["A"] <= 1.0 and row["max_abs_diff_pct"]["R"] <= 1.0
+
+
+def test_vs_pytorch_tiny(tmp_path):
+    torch = pytest.importorskip("torch")  # the optional `bench` extra; CI does not install it
+    mod = _load("vs_pytorch")
+    # The PyTorch contender is the reference's SimpleCNN (92,626 parameters, §1.3).
+    assert sum(p.numel() for p in mod.torch_simple_cnn(torch).parameters()) == 92_626
+    out = tmp_path / "v.json"
+    argv = "--defense fedavg --steps 1 --repeats 2 --threads 1 --batch-size 8"
+    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert row["defense"] == "fedavg" and row["steps_per_sample"] == 1
+    eng, pt = row["engine"], row["pytorch_1t"]
+    assert len(eng["samples"]) == len(pt["samples"]) == 2
+    ratios = row["ratio"]["pytorch_1t"]["samples"]
+    for e, t, r in zip(eng["samples"], pt["samples"], ratios, strict=True):
+        assert e > 0 and t > 0 and math.isclose(r, e / t, rel_tol=1e-9)
+    assert row["ratio_vs_best_pytorch"]["samples"] == row["ratio"]["pytorch_1t"]["samples"]
+    assert res["environment"]["torch_threads"] == [1] and res["environment"]["torch"]

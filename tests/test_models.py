@@ -10,7 +10,8 @@ import pytest
 
 from spmc_jax.flat import Flattener
 from spmc_jax.models import get_model
-from spmc_jax.models.layers import conv2d, max_pool
+from spmc_jax.models.layers import FULL_IM2COL_MAX_CIN, conv2d, max_pool
+from tests.reference.conv_oracle import conv2d_nhwc
 
 
 def _init(name, impl="lax"):
@@ -47,6 +48,19 @@ def test_patch_conv_equals_xla_conv(stride, pad, ksize):
     b = conv2d(x, k, stride, pad, "patches")
     # Same contraction, different float32 summation order: ~1e-6 relative.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,stride,pad,ksize", [(3, 1, 0, 5), (3, 2, 1, 3), (1, 2, 2, 5)])
+def test_patch_conv_full_im2col_path_matches_float64_oracle(cin, stride, pad, ksize):
+    # cin <= FULL_IM2COL_MAX_CIN takes the one-matmul full-im2col branch of "patches".
+    assert cin <= FULL_IM2COL_MAX_CIN
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (2, 11, 13, cin))
+    k = jax.random.normal(kk, (ksize, ksize, cin, 4))
+    want = conv2d_nhwc(np.asarray(x), np.asarray(k), stride, pad)  # float64 oracle
+    got = conv2d(x, k, stride, pad, "patches")
+    # float32 sums of <= 75 unit-normal products: ~1e-6 relative to their magnitude.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "resnet10"])

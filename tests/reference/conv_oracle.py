@@ -1,0 +1,21 @@
+"""Float64 NumPy oracle of a 2-D convolution (cross-correlation, as PyTorch's Conv2d), NHWC
+input, HWIO kernel, written from the definition: out[b, y, x, o] = Σ_{i,j,c}
+xpad[b, y·s + i, x·s + j, c] · k[i, j, c, o]."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def conv2d_nhwc(x: np.ndarray, k: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = np.asarray(k, np.float64)
+    kh, kw, _, cout = k.shape
+    b, h, w, _ = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = np.zeros((b, oh, ow, cout))
+    for yy in range(oh):
+        for xx in range(ow):
+            win = x[:, yy * stride : yy * stride + kh, xx * stride : xx * stride + kw, :]
+            out[:, yy, xx, :] = np.einsum("bijc,ijco->bo", win, k)
+    return out
