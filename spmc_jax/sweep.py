@@ -58,6 +58,24 @@ PAPER_DEFENSES = (
 PAPER_DATASETS = ("fashion_mnist", "cifar10", "mnist")
 PAPER_GAMMAS = (0.2, 0.3)
 
+# A grid's `defenses` given as this word (preset or --defenses) means every registered rule.
+ALL_DEFENSES = "all"
+
+
+def resolve_defenses(names: Sequence[str] | str) -> tuple[str, ...]:
+    """`names`, with the word "all" (alone or among them) replaced by every registered rule."""
+    if isinstance(names, str):
+        names = (names,)
+    if ALL_DEFENSES not in names:
+        return tuple(names)
+    from spmc_jax.aggregators import REGISTRY
+
+    out: list[str] = []
+    for n in names:
+        out.extend(REGISTRY.names() if n == ALL_DEFENSES else [n])
+    return tuple(out)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "table2": {
         "description": "the paper's Table 2 grid: 11 methods x 3 datasets x gamma 0.2/0.3, "
@@ -113,6 +131,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_config": {},
         # A 2,000-image stratified test slice, as in smoke: evaluation dominates tiny rounds.
         "test_subsample": 2000,
+    },
+    "zoo": {
+        "description": "every registered defense against the chosen --attack (default: the "
+        "reference backdoor) on a CPU-sized MNIST run: the MLP, a 6,000-image slice, 10 "
+        "clients, gamma 0.2, 5 rounds of 2 local epochs, fair protocol",
+        "grid": {
+            "datasets": ("mnist",),
+            "defenses": ALL_DEFENSES,  # resolved from the registry when the spec is built
+            "gammas": (0.2,),
+            "seeds": (0,),
+        },
+        "config": {
+            "subsample": 6000,
+            "clients": 10,
+            "rounds": 5,
+            "local_epochs": 2,
+            "model": "mlp",
+        },
+        "dataset_config": {},
+        "test_subsample": 2000,
+        # Every rule as its paper defines it (the reference's quirks are for Table 2 only).
+        "protocol": "fair",
     },
 }
 
@@ -235,7 +275,7 @@ def make_spec(
     Args:
       preset: a key of `PRESETS`.
       datasets, defenses, gammas, seeds: grid axes (duplicates dropped, order kept).
-      protocol: 'paper' or 'fair' (default 'paper').
+      protocol: 'paper' or 'fair' (default: the preset's `protocol`, else 'paper').
       test_subsample: test images to evaluate on; None = all; "preset" = the preset's value.
       **config: `Config` field overrides (a value of None keeps the preset's), except
         `subsample`, which is always applied when given ("full" → None). An override also
@@ -269,10 +309,10 @@ def make_spec(
     return SweepSpec(
         preset=preset,
         datasets=_dedupe(datasets or grid["datasets"]),
-        defenses=_dedupe(defenses or grid["defenses"]),
+        defenses=_dedupe(resolve_defenses(defenses or grid["defenses"])),
         gammas=_dedupe(float(g) for g in (gammas or grid["gammas"])),
         seeds=_dedupe(int(s) for s in (seeds if seeds is not None else grid["seeds"])),
-        protocol=protocol or "paper",
+        protocol=protocol or p.get("protocol", "paper"),
         base=Config(**overrides),
         test_subsample=test_n,
         dataset_config={d: o for d, o in per_dataset.items() if o},
@@ -1431,7 +1471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         default=None,
         help=f"{'/'.join(PROTOCOLS)}: paper = SPMC 10 local epochs, baselines 1 (as the "
-        "reference ran Table 2); fair = every method 10 (default: paper)",
+        "reference ran Table 2); fair = every method 10 (default: the preset's, else paper)",
     )
     p.add_argument(
         "--datasets",
@@ -1443,8 +1483,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--defenses",
         nargs="+",
         metavar="NAME",
-        help="defenses to run; 'python -m spmc_jax.train --defense help' lists them "
-        "(default: the preset's)",
+        help="defenses to run, or 'all' for every registered rule; 'python -m spmc_jax.train "
+        "--defense help' lists them (default: the preset's)",
     )
     p.add_argument(
         "--gammas",

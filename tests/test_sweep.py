@@ -376,3 +376,19 @@ def test_checkpointed_cell_resumes_mid_way_with_the_uninterrupted_numbers(tmp_pa
         for k in ("A", "R", "R_excl_target", "V", "attacker_weight"):
             assert x[k] == y[k], (k, x, y)
     assert summary["last5"] == straight.summaries[cell]["last5"]
+
+
+def test_zoo_preset_runs_every_registered_defense_under_the_fair_protocol():
+    from spmc_jax.aggregators import REGISTRY
+
+    spec = sweep.make_spec("zoo").validate()
+    assert spec.defenses == tuple(REGISTRY.names()) and spec.protocol == "fair"
+    assert {spec.config(c).epochs for c in spec.cells()} == {2}  # every method the same
+    # "all" also works from the command line, next to explicit names (deduplicated).
+    spec = sweep.spec_from_args(
+        sweep.build_parser().parse_args(
+            ["--preset", "smoke", "--defenses", "spmc", "all", "--out", "x"]
+        )
+    )
+    assert spec.defenses[0] == "spmc" and set(spec.defenses) == set(REGISTRY.names())
+    assert len(spec.defenses) == len(REGISTRY.names())
