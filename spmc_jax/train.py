@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from a named configuration (config.PRESETS: "
         + "; ".join(f"{k}: {_preset_text(k)}" for k in PRESETS)
         + "); flags given explicitly override it (--attack-opt adds to its attack options, "
-        "replacing a repeated key)",
+        "replacing a repeated key) (default: none, every flag at its own default)",
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of {', '.join(DATASETS)}")

@@ -329,8 +329,9 @@ def test_table_marks_a_dead_model_and_never_bolds_it(tmp_path):
     cells = [_cell("fedavg", 60.0, 40.0, True), _cell("spmc", 10.1, 100.0, False)]
     text = sweep.render_table(spec, {c["cell"]: c for c in cells}, env={})
     rows = table_rows(text, "0.2")
-    assert rows["SPMC"] == ["⚠ 10.10↓ / 100.00↑ / 55.05↑"]
-    assert rows["FedAvg"] == ["60.00 / 40.00 / **50.00**"]
+    # † too: FedAvg's R excl. target 40 >= 20, the undefended attack did not implant.
+    assert rows["SPMC"] == ["⚠ 10.10↓ / 100.00↑ / 55.05↑ †"]
+    assert rows["FedAvg"] == ["60.00 / 40.00 / **50.00** †"]
     assert "⚠: the model stayed at chance accuracy" in text
     assert "means over the last 3 evaluated rounds" in text
     # The figure takes the same flag (drawn dashed, "chance level" in the legend and title).
