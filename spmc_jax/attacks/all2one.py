@@ -21,7 +21,7 @@ import numpy as np
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.badnets import check_target_rate, square_mask, square_origin, trigger_value
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, relabel, stamp
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, stamped_trigger_attack
 from spmc_jax.attacks.pattern import pattern_trigger
 from spmc_jax.attacks.pixel import pixel_trigger
 
@@ -58,15 +58,7 @@ def all2one(
     check_target_rate(env, target, poison_rate)
     mask, values = make_trigger(env, trigger)
 
-    def apply(x, y, flags, rank, key):
-        del rank, key
-        return stamp(x, flags, mask, values), relabel(y, flags, target)
-
-    def test(x, y):
-        flags = np.ones(x.shape[:1], bool)
-        return stamp(x, flags, mask, values), relabel(y, flags, target)
-
-    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)
+    return stamped_trigger_attack(mask, values, target, poison_rate)
 
 
 register(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, relabel, stamp
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, stamped_trigger_attack
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")
 
@@ -124,15 +124,7 @@ def badnets(
     mask = square_mask(env.image_shape, size, square_origin(position, size, env.image_shape))
     v = trigger_value(env, value, after_norm)
 
-    def apply(x, y, flags, rank, key):
-        del rank, key
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    def test(x, y):
-        flags = np.ones(x.shape[:1], bool)
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)
+    return stamped_trigger_attack(mask, v, target, poison_rate)
 
 
 register(

@@ -219,3 +219,27 @@ def stamp(x: jax.Array, flags: jax.Array, mask: np.ndarray, values: jax.Array) -
 def relabel(y: jax.Array, flags: jax.Array, target: int) -> jax.Array:
     """Labels of flagged samples set to `target`."""
     return jnp.where(flags, jnp.asarray(target, y.dtype), y)
+
+
+def stamped_trigger_attack(
+    mask: np.ndarray, values: Any, target: int, poison_rate: float
+) -> DataAttack:
+    """The DataAttack of a fixed stamped trigger: flagged training samples (and every test
+    image) get `values` where `mask` is set and the label `target`.
+
+    Args:
+      mask: (H, W, C) static bool pattern.
+      values: trigger values (normalised units), broadcastable to (H, W, C).
+      target: backdoor label.
+      poison_rate: per-sample poisoning probability.
+    """
+
+    def apply(x, y, flags, rank, key):
+        del rank, key
+        return stamp(x, flags, mask, values), relabel(y, flags, target)
+
+    def test(x, y):
+        flags = np.ones(x.shape[:1], bool)
+        return stamp(x, flags, mask, values), relabel(y, flags, target)
+
+    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from spmc_jax.attacks import register
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, relabel, stamp
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, stamped_trigger_attack
 
 TRIGGER_ROWS = (0, 2)
 TRIGGER_COLS = (0, 1, 2, 4, 5, 6)
@@ -63,15 +63,7 @@ def base(
     mask = trigger_mask(env.image_shape)
     v = value if after_norm else env.to_normalized(value, 0)
 
-    def apply(x, y, flags, rank, key):
-        del rank, key
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    def test(x, y):
-        flags = np.ones(x.shape[:1], bool)
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)
+    return stamped_trigger_attack(mask, v, target, poison_rate)
 
 
 register(

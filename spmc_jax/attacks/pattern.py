@@ -27,7 +27,7 @@ import numpy as np
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.badnets import check_target_rate
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, relabel, stamp
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, stamped_trigger_attack
 
 # NaN = pixel not part of the trigger.
 PATTERN = np.array(
@@ -88,15 +88,7 @@ def pattern(
     check_target_rate(env, target, poison_rate)
     mask, values = pattern_trigger(env, row, col, after_norm)
 
-    def apply(x, y, flags, rank, key):
-        del rank, key
-        return stamp(x, flags, mask, values), relabel(y, flags, target)
-
-    def test(x, y):
-        flags = np.ones(x.shape[:1], bool)
-        return stamp(x, flags, mask, values), relabel(y, flags, target)
-
-    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)
+    return stamped_trigger_attack(mask, values, target, poison_rate)
 
 
 register(

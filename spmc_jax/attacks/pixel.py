@@ -19,7 +19,7 @@ import numpy as np
 
 from spmc_jax.attacks import register
 from spmc_jax.attacks.badnets import check_target_rate, square_mask, square_origin, trigger_value
-from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, relabel, stamp
+from spmc_jax.attacks.base import AttackEnv, AttackSpec, DataAttack, stamped_trigger_attack
 
 
 def pixel_trigger(
@@ -53,15 +53,7 @@ def pixel(
     check_target_rate(env, target, poison_rate)
     mask, v = pixel_trigger(env, position, value, after_norm)
 
-    def apply(x, y, flags, rank, key):
-        del rank, key
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    def test(x, y):
-        flags = np.ones(x.shape[:1], bool)
-        return stamp(x, flags, mask, v), relabel(y, flags, target)
-
-    return DataAttack(poison_rate=poison_rate, apply=apply, test=test, target=target)
+    return stamped_trigger_attack(mask, v, target, poison_rate)
 
 
 register(
