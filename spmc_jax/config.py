@@ -450,6 +450,10 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
         proxy=_ShapeOnlyProxy(),
         layout=flat.layout,
         output_layer=OUTPUT_LAYERS[cfg.model],
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        mean=tuple(MEAN[cfg.dataset]),
+        std=tuple(STD[cfg.dataset]),
     )
     attack_env = AttackEnv(
         image_shape=INPUT_SHAPE,

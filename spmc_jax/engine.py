@@ -722,6 +722,10 @@ class Simulation:
                 if cfg.model in REFERENCE_MODULES
                 else None
             ),
+            dataset=cfg.dataset,
+            data_dir=cfg.data_dir,
+            mean=tuple(ds.mean),
+            std=tuple(ds.std),
         )
         self.defense_opts = self._defense_options()
         self.data: SimData | None = self._device_data() if place_data else None

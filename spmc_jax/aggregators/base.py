@@ -119,6 +119,10 @@ class AggregatorEnv:
         reference's PyTorch `parameters()` order and layout (`flat.reference_order`), for
         rules reproducing the reference's coordinate choices; None when the model has no
         reference counterpart (mlp) or the env was built without a model.
+      dataset: the run's dataset name ("mnist", "fashion_mnist", "cifar10"); "" when the
+        env was built without one (unit tests), for rules that load another dataset.
+      data_dir: where datasets live (None: the default cache), as in `AttackEnv`.
+      mean, std: the run's per-channel normalisation; () when unknown.
     """
 
     n_clients: int
@@ -131,6 +135,10 @@ class AggregatorEnv:
     layout: tuple[LeafInfo, ...] = ()
     output_layer: str = ""
     reference_param_order: np.ndarray | None = None
+    dataset: str = ""
+    data_dir: str | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     @property
     def n_registered(self) -> int:
