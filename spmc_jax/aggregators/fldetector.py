@@ -15,24 +15,40 @@ Schnabel 1994, compact form; the paper's Algorithm 1):
     s_i^t = mean of d̂_i over the last N rounds                    (suspicion score)
 
 If the gap statistic on the suspicion scores says there is more than one cluster, 2-means
-splits them and the cluster with the larger mean is flagged malicious (Algorithm 2). The
-global update is the mean of the valid, unflagged participants' updates (the paper's
-FedAvg base rule). Updates here are Δ_i = w_i − w (−lr times the paper's gradients: the
+splits them and the cluster with the larger mean is flagged malicious (Algorithm 2). Until
+then the global update is the mean of the valid participants' updates (the paper's FedAvg
+base rule). Updates here are Δ_i = w_i − w (−lr times the paper's gradients: the
 consistency relation and the L-BFGS pairs are linear, so only the scale of d changes, and
 d̂ is normalised).
 
-Differences from the paper: flagged clients are excluded from this round's aggregate
-instead of being removed from the federation and training restarting; under partial
-participation, a client's previous update is its last submitted one and its suspicion is
-the mean over the rounds of the window in which it had a prediction. The gap statistic and
-2-means are exact 1-D computations (`_kmeans1d.py`, tested against scikit-learn's KMeans).
+Detection, removal and restart (as in the paper: "the server removes the detected clients
+and restarts training from scratch without them"). Inside a fixed-round jitted simulation
+this is, once, at the first round r whose detection flags anyone:
+
+    * the flagged clients join the removed set R (registered ids) for the rest of the run;
+    * the round returns the round-0 model g_0 (the one `init` received) instead of an
+      aggregate (client_weights all 0: no update was applied), and the L-BFGS history,
+      the previous model/update, the per-client last updates and the suspicion window
+      are zeroed, as for a fresh run;
+    * every later round is FedAvg over the valid participants not in R (weight 0 for R),
+      with no further detection: exactly one restart.
+
+The round counter keeps running (the restarted training gets the rounds left), and state
+outside this rule (client hooks, SPMC teachers, the attack window) is not reset. If every
+valid participant of a later round is removed, the round keeps the global model. The
+gap statistic and 2-means are exact 1-D computations (`_kmeans1d.py`, tested against
+scikit-learn's KMeans). Under partial participation a client's previous update is its last
+submitted one and its suspicion is the mean over the rounds of the window in which it had
+a prediction; only that round's participants can be flagged.
 
 State (per registered client, rows indexed by ctx.client_ids): the last update (N_reg, d),
 whether it exists, and the window of normalised distances (N, N_reg) with its mask; plus
-the L-BFGS pairs (N, d) each, the previous global model and update. Detection starts at
-round `start_round` and needs ≥ 1 L-BFGS pair (from round 2 on) and ≥ 3 scored clients.
+the L-BFGS pairs (N, d) each, the previous global model and update, g_0, the removed set
+and the restart round (−1: none yet). Detection starts at round `start_round` and needs
+≥ 1 L-BFGS pair (from round 2 on) and ≥ 3 scored clients.
 
-client_weights: 1/|K| on the kept clients K.
+client_weights: 1/|K| on the kept clients K (valid, not removed); all 0 on the restart
+round.
 """
 
 from __future__ import annotations
@@ -55,7 +71,8 @@ from spmc_jax.aggregators.base import (
 
 class FLDetectorState(NamedTuple):
     """See the module docstring; `s`, `y`: L-BFGS pairs oldest → newest, `n_pairs` filled
-    (the newest at the end); `scores`, `scored`: (N, N_reg) distance window."""
+    (the newest at the end); `scores`, `scored`: (N, N_reg) distance window; `init_global`:
+    g_0; `removed`: (N_reg,) bool; `restart_round`: int32, −1 until the restart."""
 
     last_update: jax.Array
     has_last: jax.Array
@@ -67,6 +84,9 @@ class FLDetectorState(NamedTuple):
     prev_global: jax.Array
     prev_agg: jax.Array
     rounds_seen: jax.Array
+    init_global: jax.Array
+    removed: jax.Array
+    restart_round: jax.Array
 
 
 def lbfgs_hvp(s: jax.Array, y: jax.Array, n_pairs: jax.Array, v: jax.Array) -> jax.Array:
@@ -118,7 +138,7 @@ def fldetector(
     n_reg = env.n_registered
     win = int(window)
 
-    def init(global_flat):
+    def init(global_flat, removed=None, restart_round=-1):
         d, dt = global_flat.shape[0], global_flat.dtype  # float64 under x64
         z = jnp.zeros((win, d), dt)
         return FLDetectorState(
@@ -132,6 +152,9 @@ def fldetector(
             prev_global=jnp.zeros(d, dt),
             prev_agg=jnp.zeros(d, dt),
             rounds_seen=jnp.int32(0),
+            init_global=global_flat,
+            removed=jnp.zeros(n_reg, bool) if removed is None else removed,
+            restart_round=jnp.asarray(restart_round, jnp.int32),
         )
 
     def aggregate(client_flat, st: FLDetectorState, ctx):
@@ -150,19 +173,21 @@ def fldetector(
         scored = jnp.where(any_pred, jnp.roll(st.scored, -1, 0).at[-1].set(row_ok), st.scored)
         cnt = jnp.sum(scored[:, ids], axis=0)
         susp = jnp.sum(jnp.where(scored[:, ids], scores[:, ids], 0.0), axis=0) / jnp.maximum(cnt, 1)
-        cand = valid & (cnt > 0)
+        cand = valid & (cnt > 0) & ~st.removed[ids]
         k_gap = jax.random.fold_in(ctx.key, 1)
-        active = (st.rounds_seen >= start_round) & any_pred
+        done = st.restart_round >= 0
+        active = ~done & (st.rounds_seen >= start_round) & any_pred
         clustered = active & gap_says_clustered(susp, cand, k_gap, n_refs)
         _, _, upper = two_means(susp, cand)
         flagged = clustered & upper
-        keep = valid & ~flagged
+        restart = jnp.any(flagged)
+        keep = valid & ~st.removed[ids]
         w = keep.astype(jnp.float32) / jnp.maximum(jnp.sum(keep), 1)
         agg = weighted_mean(deltas, w)
         first = st.rounds_seen == 0
         new_s = jnp.roll(st.s, -1, 0).at[-1].set(g - st.prev_global)
         new_y = jnp.roll(st.y, -1, 0).at[-1].set(agg - st.prev_agg)
-        state = FLDetectorState(
+        going = FLDetectorState(
             last_update=st.last_update.at[ids].set(
                 jnp.where(valid[:, None], deltas, st.last_update[ids])
             ),
@@ -175,8 +200,19 @@ def fldetector(
             prev_global=g,
             prev_agg=agg,
             rounds_seen=st.rounds_seen + 1,
+            init_global=st.init_global,
+            removed=st.removed,
+            restart_round=st.restart_round,
         )
-        return g + agg, state, AggInfo(client_weights=w)
+        # The restart: remove the flagged clients, back to g_0 with a fresh history.
+        fresh = init(
+            st.init_global,
+            removed=st.removed.at[ids].set(st.removed[ids] | flagged),
+            restart_round=ctx.round,
+        )
+        state = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, going)
+        new_global = jnp.where(restart, st.init_global, g + agg)
+        return new_global, state, AggInfo(client_weights=jnp.where(restart, 0.0, w))
 
     return Aggregator(init, aggregate)
 
@@ -186,6 +222,7 @@ register(
         "fldetector",
         fldetector,
         "FLDetector (Zhang et al., KDD'22): L-BFGS-predicted vs actual updates, suspicion "
-        "over window=10 rounds, gap statistic + 2-means flag the high cluster; mean of the rest",
+        "over window=10 rounds, gap statistic + 2-means flag the high cluster; once flagged: "
+        "removed for good and training restarts from the round-0 model (once)",
     )
 )

@@ -20,6 +20,8 @@ from sklearn.cluster import KMeans
 from spmc_jax.aggregators import get_aggregator
 from spmc_jax.aggregators._kmeans1d import gap_says_clustered, two_means
 from spmc_jax.aggregators.fldetector import lbfgs_hvp
+from spmc_jax.config import Config
+from spmc_jax.engine import Simulation
 from tests.reference import fldetector_oracle
 
 from .conftest import make_ctx, make_env
@@ -74,7 +76,9 @@ def test_gap_statistic_matches_oracle(gap, expect):
     assert got == fldetector_oracle.gap_statistic_clusters(x, refs) == expect
 
 
-def test_fldetector_rounds_match_oracle_and_flag_inconsistent_clients():
+def test_fldetector_rounds_match_oracle_remove_attackers_and_restart_once():
+    """7 rounds against the oracle: the first detection removes both noise attackers and
+    returns g_0 (nobody kept); every later round averages the 6 benign clients only."""
     n, d, bad = 8, 20, (6, 7)
     rng = np.random.default_rng(0)
     h = _spd(d, rng) * 0.05
@@ -83,9 +87,11 @@ def test_fldetector_rounds_match_oracle_and_flag_inconsistent_clients():
     agg = get_aggregator("fldetector", env, window=4)
     step = jax.jit(agg.aggregate)
     oracle = fldetector_oracle.FLDetector(window=4)
-    g = np.zeros(d, np.float32)
+    g0 = rng.normal(size=d).astype(np.float32) * 0.1
+    g = g0
     state = agg.init(jnp.asarray(g))
     ids = list(range(n))
+    kept_per_round = []
     for t in range(7):
         # Benign: a gradient step on a quadratic (consistent across rounds); attackers: noise.
         delta = -(g[None, :] - targets) @ h
@@ -99,11 +105,18 @@ def test_fldetector_rounds_match_oracle_and_flag_inconsistent_clients():
         def refs(m, k_gap=k_gap):
             return np.asarray(jax.random.uniform(k_gap, (20, n)), np.float64)[:, :m]
 
-        exp, kept = oracle.round(g, w, ids, refs)
+        exp, kept = oracle.round(g, w, ids, refs, t)
         np.testing.assert_array_equal(np.flatnonzero(np.asarray(info.client_weights)), kept)
         np.testing.assert_allclose(np.asarray(out), exp, atol=1e-4)
+        kept_per_round.append(kept)
         g = np.asarray(out)
-    assert set(kept) == set(range(6))  # by the last round both attackers are flagged
+    r = oracle.restart_round
+    assert r is not None and int(state.restart_round) == r
+    assert kept_per_round[r] == []
+    assert all(k == list(range(8)) for k in kept_per_round[:r])
+    assert all(k == list(range(6)) for k in kept_per_round[r + 1 :]) and r < 6
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(state.removed)), bad)
+    assert int(state.n_pairs) == min(4, 6 - r - 1)  # the history restarted after round r
 
 
 @pytest.mark.parametrize(
@@ -117,3 +130,35 @@ def test_fldetector_rounds_match_oracle_and_flag_inconsistent_clients():
 def test_fldetector_rejects_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         get_aggregator("fldetector", make_env(10, 8), **opts)
+
+
+def test_fldetector_run_removes_attackers_restarts_once_and_keeps_them_out(blobs):
+    """A real Simulation (MLP on blobs, 6 clients, 2 Gaussian-noise attackers), round by
+    round: exactly one round aggregates nobody and ends on the round-0 model itself; the
+    removed set is the attackers; every later round gives them weight 0 and the 4 benign
+    clients 1/4, and the restart round stays recorded."""
+    cfg = Config(
+        defense="fldetector", defense_opts=(("window", "2"),), attack="gaussian",
+        model="mlp", clients=6, gamma=1 / 3, rounds=5, local_epochs=1, batch_size=16,
+        eval_batch=150, subsample=480, partition="iid",
+    )  # fmt: skip
+    sim = Simulation(cfg, blobs)
+    state = sim.init_state()
+    g0 = np.asarray(state.global_flat)
+    bad = np.flatnonzero(sim.plan.malicious)
+    assert len(bad) == 2
+    restarts, after = [], []
+    for r in range(cfg.rounds):
+        state, outs = sim.run_rounds(state, sim.data, 1, jnp.asarray(r, jnp.int32))
+        w = np.asarray(outs.client_weights[0], np.float64)
+        ids = np.asarray(outs.client_ids[0])
+        if not w.any():
+            restarts.append(r)
+            np.testing.assert_array_equal(np.asarray(state.global_flat), g0)
+        elif restarts:
+            after.append(r)
+            np.testing.assert_array_equal(w[np.isin(ids, bad)], 0.0)
+            np.testing.assert_allclose(w[~np.isin(ids, bad)], 0.25, atol=1e-6)
+        assert int(state.agg_state.restart_round) == (restarts[0] if restarts else -1)
+    assert len(restarts) == 1 and after == list(range(restarts[0] + 1, cfg.rounds))
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(state.agg_state.removed)), bad)

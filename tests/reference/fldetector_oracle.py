@@ -56,19 +56,36 @@ def gap_statistic_clusters(x, refs):
 
 
 class FLDetector:
+    """The multi-round rule: detection, then (once) removal of the flagged clients and a
+    restart from the round-0 model g_0 with a fresh history; afterwards FedAvg over the
+    clients never removed, without detection."""
+
     def __init__(self, window):
         self.window = window
+        self.removed = set()
+        self.restart_round = None
+        self.g0 = None
+        self._fresh()
+
+    def _fresh(self):
         self.last = {}
         self.scores = []  # per round: dict client id -> normalised distance
         self.pairs_s, self.pairs_y = [], []
         self.prev_global = None
         self.prev_agg = None
 
-    def round(self, g, w, ids, refs_fn):
-        """One round; returns (new global, kept client positions). refs_fn(m) -> (B, m)."""
+    def round(self, g, w, ids, refs_fn, t=None):
+        """One round (index t); returns (new global, kept client positions). refs_fn(m) ->
+        (B, m). The restart round keeps no one and returns g_0."""
         g = np.asarray(g, np.float64)
+        if self.g0 is None:
+            self.g0 = g
         deltas = np.asarray(w, np.float64) - g
         n = len(ids)
+        if self.restart_round is not None:
+            kept = [p for p in range(n) if ids[p] not in self.removed]
+            agg = np.mean(deltas[kept], axis=0) if kept else np.zeros_like(g)
+            return g + agg, kept
         flagged = set()
         if self.pairs_s and any(c in self.last for c in ids):
             hv = lbfgs_hvp(self.pairs_s, self.pairs_y, g - self.prev_global)
@@ -89,7 +106,12 @@ class FLDetector:
                 km = KMeans(n_clusters=2, n_init=10, random_state=0).fit(x[:, None])
                 high = int(np.argmax(km.cluster_centers_[:, 0]))
                 flagged = {c for c, lab in zip(susp, km.labels_, strict=True) if lab == high}
-        kept = [p for p in range(n) if ids[p] not in flagged]
+        if flagged:
+            self.removed |= flagged
+            self.restart_round = t
+            self._fresh()
+            return self.g0.copy(), []
+        kept = list(range(n))
         agg = np.mean(deltas[kept], axis=0)
         if self.prev_global is not None:
             self.pairs_s = [*self.pairs_s, g - self.prev_global][-self.window :]
