@@ -147,6 +147,8 @@ class GradContext(NamedTuple):
       attack_on: bool, the round is inside the attack window.
       key: a PRNG key for this hook, client and step.
       state: this hook's per-run state after the round's `server` update.
+      step: int32 index of the batch within the local epoch (0-based; alternating
+        schedules read it).
     """
 
     params: PyTree
@@ -155,6 +157,7 @@ class GradContext(NamedTuple):
     attack_on: jax.Array
     key: jax.Array
     state: PyTree
+    step: Any = 0
 
 
 class RowsContext(NamedTuple):
@@ -186,6 +189,10 @@ class ClientHook(NamedTuple):
         training (the state the clients see this round).
       grad: `grad(g, GradContext) -> g` on the parameter-gradient pytree, inside the jitted
         step, after SPMC's projection and before the optimiser.
+      sample_weights: `sample_weights(flags, GradContext) -> (B,)` per-sample weights of
+        the batch's data-loss gradient, replacing the mean's uniform 1/B (`flags`: the
+        batch's poisoned samples, all False without a data attack); at most one hook of
+        a run may set it (Bhagoji et al.'s alternating objectives).
       rows: `rows(W, RowsContext) -> W` on the (n, d) trained client rows, after model
         attacks and before the server's sanitising and aggregation.
       needs_attacker_data: the `server` update reads `ServerContext.attacker_x/y`.
@@ -197,6 +204,7 @@ class ClientHook(NamedTuple):
     grad: Callable[[PyTree, GradContext], PyTree] | None = None
     rows: Callable[[jax.Array, RowsContext], jax.Array] | None = None
     needs_attacker_data: bool = False
+    sample_weights: Callable[[jax.Array, GradContext], jax.Array] | None = None
 
 
 class HookInputs(NamedTuple):
@@ -294,6 +302,12 @@ def make_client_step(
     if own is not None and own_pos is None:
         raise ValueError("the data attack's hook must be among `hooks` (see collect_hooks)")
     grad_hooks = [(i, h) for i, h in enumerate(hooks) if h.grad is not None]
+    weight_hooks = [(i, h) for i, h in enumerate(hooks) if h.sample_weights is not None]
+    if len(weight_hooks) > 1:
+        raise ValueError(
+            f"client hooks {[h.name for _, h in weight_hooks]} all set per-sample loss "
+            "weights; accepted: at most one"
+        )
 
     def forward(variables: PyTree, x: jax.Array):
         if "batch_stats" in variables:
@@ -319,6 +333,7 @@ def make_client_step(
         sel = task.idx[jax.lax.dynamic_slice(perm, (s * batch_size,), (batch_size,))]
         x = transform(k_aug, data.x[sel])
         y = data.y[sel]
+        flags = jnp.zeros(y.shape, bool)
         if data_attack is not None:
             flags = data.poison[sel] & task.malicious & attack_on
             if own_pos is None:
@@ -336,7 +351,27 @@ def make_client_step(
         probs = jax.nn.softmax(logits)
         onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
         loss = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
-        (g,) = vjp_fn((probs - onehot) / batch_size)
+        k_hook = jax.random.fold_in(k_att, 1)
+
+        def hook_ctx(i: int) -> GradContext:
+            assert hook_inputs is not None
+            return GradContext(
+                params=variables["params"],
+                global_params=hook_inputs.global_params,
+                malicious=task.malicious,
+                attack_on=attack_on,
+                key=jax.random.fold_in(k_hook, i),
+                state=hook_inputs.states[i],
+                step=s,
+            )
+
+        if weight_hooks:
+            i, h = weight_hooks[0]
+            assert h.sample_weights is not None
+            wts = h.sample_weights(flags, hook_ctx(i)).astype(logits.dtype)
+            (g,) = vjp_fn((probs - onehot) * wts[:, None])
+        else:
+            (g,) = vjp_fn((probs - onehot) / batch_size)
         n_proj = jnp.zeros((), jnp.float32)
         if spmc is not None:
             from spmc_jax.spmc import project, project_stats
@@ -367,20 +402,9 @@ def make_client_step(
             (g_guide,) = vjp_fn(delta / batch_size)
             n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam != 0)
             g = project(g, g_guide, lam)
-        if grad_hooks:
-            assert hook_inputs is not None
-            k_hook = jax.random.fold_in(k_att, 1)
-            for i, h in grad_hooks:
-                assert h.grad is not None
-                ctx = GradContext(
-                    params=variables["params"],
-                    global_params=hook_inputs.global_params,
-                    malicious=task.malicious,
-                    attack_on=attack_on,
-                    key=jax.random.fold_in(k_hook, i),
-                    state=hook_inputs.states[i],
-                )
-                g = h.grad(g, ctx)
+        for i, h in grad_hooks:
+            assert h.grad is not None
+            g = h.grad(g, hook_ctx(i))
         updates, new_opt = optimizer.update(g, opt_state, variables["params"])
         new_vars = dict(variables)
         new_vars["params"] = optax.apply_updates(variables["params"], updates)

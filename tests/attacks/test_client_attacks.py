@@ -3,9 +3,11 @@ untouched, and 2-round runs on blobs whose numbers they change."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from spmc_jax.attacks import REGISTRY, AttackEnv, get_attack, parse_attack, parse_client_attacks
@@ -263,7 +265,7 @@ def test_iba_run_trains_the_generator(blobs):
 
 
 # ------------------------------------------------------------------------------ alter_min
-def test_alter_min_matches_oracle():
+def test_alter_min_joint_matches_oracle():
     env, flat = _toy_env()
     env = AttackEnv(
         env.image_shape,
@@ -274,7 +276,7 @@ def test_alter_min_matches_oracle():
         param_mask=env.param_mask,
         model=env.model,
     )
-    hook = get_attack("alter_min", env, rho=0.3)
+    hook = get_attack("alter_min", env, rho=0.3, mode="joint")
     rng = np.random.RandomState(5)
     g0, g1 = (jnp.asarray(rng.randn(flat.dim).astype(np.float32)) for _ in range(2))
     state = hook.server(hook.init(g0), _server_ctx(g1))
@@ -313,3 +315,97 @@ def test_alter_min_matches_oracle():
                 else np.ones_like(np.asarray(grad[k]))
             )
             np.testing.assert_allclose(np.asarray(got[k]), want_k, atol=1e-5)
+
+
+class _Linear(nn.Module):
+    """logits = flatten(x) @ K + b (the oracle's linear softmax model)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3, name="out")(x.reshape(x.shape[0], -1))
+
+
+def test_alter_min_alternating_local_training_matches_oracle():
+    """The attacker's local training alternates: step 0 of each cycle of 1 + k steps is a
+    λ-boosted step on its poisoned samples only, steps 1..k are stealth steps on its clean
+    samples + 2ρ(w − w_0 − δ̂); no final boosting. Checked step for step against the float64
+    oracle on a linear softmax model (12 inputs), 2 epochs of 5 batches of 4 (cycles restart
+    each epoch), k = 2; a benign client's training is plain SGD. Tolerance: 10 float32 SGD
+    steps on O(1) values: ATOL 1e-5."""
+    from spmc_jax.attacks.base import DataAttack
+    from spmc_jax.client import ClientData, ClientTask, collect_hooks, epoch_order, make_local_train
+
+    rng = np.random.RandomState(3)
+    n, bsz, target, lr, rho, k = 20, 4, 2, 0.5, 0.2, 2
+    x = rng.randint(0, 256, (n, 2, 2, 3)).astype(np.uint8)
+    y = rng.randint(0, 3, n).astype(np.int32)
+    poison = rng.rand(n) < 0.4
+    model = _Linear()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+    flat = Flattener.build(variables)
+    env = AttackEnv(
+        (2, 2, 3), (0.5,) * 3, (0.5,) * 3, num_malicious=1, n_clients=4,
+        param_mask=flat.param_mask, model=ModelOps(flat, None),
+    )  # fmt: skip
+    hook = get_attack("alter_min", env, rho=rho, stealth_steps=k)
+    assert hook.rows is None and hook.sample_weights is not None
+    g0 = flat.ravel(variables)
+    g_prev = jnp.asarray(rng.randn(flat.dim).astype(np.float32) * 0.1)
+    state = hook.server(hook.init(g_prev), _server_ctx(g0))
+    est = flat.unravel(state[1])["params"]["out"]
+
+    def flip(xb, yb, flags, rank, key):
+        return xb, jnp.where(flags, target, yb)
+
+    attack = DataAttack(poison_rate=0.4, apply=flip, test=None, target=target)
+    hooks = collect_hooks(attack, [hook])
+
+    def transform(key, xb):
+        return xb.astype(jnp.float32) / 255.0 - 0.5
+
+    local = make_local_train(
+        model, transform, optax.sgd(lr), batch_size=bsz, steps_per_epoch=n // bsz,
+        epochs=2, data_attack=attack, hooks=hooks,
+    )  # fmt: skip
+    train = jax.jit(local)
+    data = ClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(poison))
+    for malicious in (True, False):
+        task = ClientTask(
+            idx=jnp.arange(n, dtype=jnp.int32), size=jnp.int32(n), malicious=jnp.asarray(malicious),
+            rank=jnp.int32(0), key=jax.random.key(9),
+        )  # fmt: skip
+        out = train(variables, variables, data, task, jnp.asarray(True), (state,))
+        batches = []
+        for e in range(2):
+            perm = np.asarray(epoch_order(task, jnp.int32(e))[0])
+            for s_ in range(n // bsz):
+                sel = perm[s_ * bsz : (s_ + 1) * bsz]
+                flags = poison[sel] & malicious
+                xb = x[sel].reshape(bsz, -1) / 255.0 - 0.5
+                batches.append((xb, np.where(flags, target, y[sel]), flags, s_))
+        p0 = variables["params"]["out"]
+        want_k, want_b = oracle.alter_min_alternating_linear(
+            np.asarray(p0["kernel"]), np.asarray(p0["bias"]), batches, lr, 4.0, rho,
+            np.asarray(est["kernel"], np.float64), np.asarray(est["bias"], np.float64), k,
+            malicious,
+        )  # fmt: skip
+        got = out.variables["params"]["out"]
+        np.testing.assert_allclose(np.asarray(got["kernel"]), want_k, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got["bias"]), want_b, atol=1e-5)
+        if malicious:  # not plain training on the poisoned batches: the alternation ran
+            plain = oracle.alter_min_alternating_linear(
+                np.asarray(p0["kernel"]), np.asarray(p0["bias"]), batches, lr, 4.0, rho,
+                np.asarray(est["kernel"], np.float64), np.asarray(est["bias"], np.float64),
+                k, False,
+            )  # fmt: skip
+            assert np.abs(want_k - plain[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [({"mode": "mixed"}, "mode='mixed'"), ({"stealth_steps": 0}, "stealth_steps=0")],
+)
+def test_alter_min_rejects_bad_options(opts, match):
+    env, _ = _toy_env()
+    with pytest.raises(ValueError, match=match):
+        get_attack("alter_min", env, **opts)

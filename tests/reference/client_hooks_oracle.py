@@ -115,3 +115,45 @@ def alter_min_rows(
 def alter_min_grad(g: np.ndarray, w: np.ndarray, w0: np.ndarray, est: np.ndarray, rho: float):
     """∇[L + ρ‖w − w_g − δ̂‖²] = g + 2ρ(w − w_g − δ̂)."""
     return np.asarray(g, np.float64) + 2 * rho * (np.asarray(w, np.float64) - w0 - est)
+
+
+def alter_min_alternating_linear(
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+    lr: float,
+    lam: float,
+    rho: float,
+    est_kernel: np.ndarray,
+    est_bias: np.ndarray,
+    stealth_steps: int,
+    malicious: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bhagoji et al. (2019) alternating minimization on a linear softmax model
+    logits = x @ K + b, plain SGD, float64. `batches`: per local step (x (B, F), labels
+    after poisoning (B,), poisoned flags (B,), s = the step's index in its epoch). An
+    attacker's step s with s mod (1 + k) == 0 is the boosted malicious step
+    w ← w − lr·λ·∇ mean_{poisoned} CE; the others are stealth steps
+    w ← w − lr·(∇ mean_{clean} CE + 2ρ(w − w_0 − δ̂)). A benign client: w ← w − lr·∇ mean CE."""
+    k0, b0 = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+    k, b = k0.copy(), b0.copy()
+    for x, y, flags, s in batches:
+        x = np.asarray(x, np.float64)
+        z = x @ k + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        err = p - np.eye(k.shape[1])[y]
+        mal_step = malicious and s % (1 + stealth_steps) == 0
+        if not malicious:
+            wts = np.full(len(y), 1.0 / len(y))
+        elif mal_step:
+            wts = lam * flags / max(flags.sum(), 1)
+        else:
+            wts = ~flags / max((~flags).sum(), 1)
+        gk = x.T @ (err * wts[:, None])
+        gb = (err * wts[:, None]).sum(0)
+        if malicious and not mal_step:
+            gk = gk + 2 * rho * (k - k0 - est_kernel)
+            gb = gb + 2 * rho * (b - b0 - est_bias)
+        k, b = k - lr * gk, b - lr * gb
+    return k, b
