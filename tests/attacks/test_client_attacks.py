@@ -401,6 +401,23 @@ def test_alter_min_alternating_local_training_matches_oracle():
             assert np.abs(want_k - plain[0]).max() > 1e-2
 
 
+def test_alter_min_mode_reaches_the_run(blobs):
+    """2-round runs of base+alter_min: the alternating default (no row transform) and
+    mode=joint (the final boosting) both change the model away from plain FedAvg under the
+    same data attack, and differently from each other."""
+    plain = plain_fedavg(blobs)[1]
+    out = {}
+    for mode in ("alternating", "joint"):
+        cfg = Config(
+            **{**TINY, "attack": "base+alter_min"}, attack_opts=(("alter_min", "mode", mode),)
+        )
+        res = run(cfg, blobs)
+        assert (res.sim.hooks[0].rows is None) == (mode == "alternating")
+        out[mode] = np.asarray(res.state.global_flat, np.float64)
+        assert np.isfinite(out[mode]).all() and np.abs(out[mode] - plain).max() > 1e-4
+    assert np.abs(out["alternating"] - out["joint"]).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     ("opts", "match"),
     [({"mode": "mixed"}, "mode='mixed'"), ({"stealth_steps": 0}, "stealth_steps=0")],
