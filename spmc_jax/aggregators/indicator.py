@@ -73,7 +73,7 @@ from spmc_jax.aggregators.base import (
     weighted_mean,
 )
 from spmc_jax.data.pipeline import make_test_transform
-from spmc_jax.data.sources import DatasetNotFoundError, fetch_command, load_dataset
+from spmc_jax.data.sources import load_second_dataset
 
 OOD_SOURCES = ("auto", "mnist", "fashion_mnist", "cifar10", "scramble")
 
@@ -125,14 +125,9 @@ def ood_images(
     Raises:
       ValueError: the source is not available locally or has fewer than M images.
     """
-    try:
-        ds = load_dataset(source, data_dir, fetch=False, log=lambda s: None)
-    except DatasetNotFoundError as e:
-        raise ValueError(
-            f"indicator needs its OOD dataset {source!r} locally (get it with "
-            f"`{fetch_command(source)}`), or pick another with indicator.ood=...; accepted: "
-            f"{', '.join(OOD_SOURCES[1:])}. ({e})"
-        ) from None
+    ds = load_second_dataset(
+        source, data_dir, needed_by="indicator needs its OOD dataset", option="indicator.ood"
+    )
     if n_samples > len(ds.x_train):
         raise ValueError(
             f"indicator: n_samples={n_samples} > the {len(ds.x_train)} {source} train images"

@@ -40,7 +40,7 @@ from spmc_jax.attacks import register
 from spmc_jax.attacks.badnets import check_target_rate
 from spmc_jax.attacks.base import AttackEnv, AttackSpec, BackdoorSet, DataAttack
 from spmc_jax.data.pipeline import make_test_transform
-from spmc_jax.data.sources import DatasetNotFoundError, fetch_command, load_dataset
+from spmc_jax.data.sources import load_second_dataset
 
 SOURCES = ("auto", "mnist", "fashion_mnist", "cifar10")
 
@@ -64,14 +64,9 @@ def edge_images(
     Raises:
       ValueError: the source is not available locally, or has too few such images.
     """
-    try:
-        ds = load_dataset(source, data_dir, fetch=False, log=lambda s: None)
-    except DatasetNotFoundError as e:
-        raise ValueError(
-            f"edge_case needs its source dataset {source!r} locally (get it with "
-            f"`{fetch_command(source)}`), or pick another with edge_case.source=...; "
-            f"accepted: {', '.join(SOURCES[1:])}. ({e})"
-        ) from None
+    ds = load_second_dataset(
+        source, data_dir, needed_by="edge_case needs its source dataset", option="edge_case.source"
+    )
     if not 0 <= edge_class < ds.num_classes:
         raise ValueError(f"edge_case edge_class={edge_class} outside [0, {ds.num_classes})")
     tr = ds.x_train[ds.y_train == edge_class][:n_train]

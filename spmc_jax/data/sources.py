@@ -502,6 +502,30 @@ def load_dataset(
     return ds
 
 
+def load_second_dataset(
+    name: str, data_dir: str | os.PathLike | None, *, needed_by: str, option: str
+) -> Dataset:
+    """Load a dataset a component uses besides the run's own (never fetches, quietly).
+
+    Args:
+      name: the dataset.
+      data_dir: as in `load_dataset`.
+      needed_by: what needs it, for the message (e.g. "edge_case needs its source dataset").
+      option: the option choosing another (e.g. "edge_case.source").
+
+    Raises:
+      ValueError: `name` is not available locally; the message names the fetch command,
+        the option and the accepted datasets.
+    """
+    try:
+        return load_dataset(name, data_dir, fetch=False, log=lambda s: None)
+    except DatasetNotFoundError as e:
+        raise ValueError(
+            f"{needed_by} {name!r} locally (get it with `{fetch_command(name)}`), or pick "
+            f"another with {option}=...; accepted: {', '.join(DATASETS)}. ({e})"
+        ) from None
+
+
 # ----------------------------------------------------------------------------- fetch
 
 

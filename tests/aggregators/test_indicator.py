@@ -152,3 +152,17 @@ def test_indicator_run_plants_the_fashion_mnist_task(blobs, real_dataset):
     fit, other = acc(0), acc(1)
     assert fit >= 0.6  # chance: 0.1
     assert other <= 0.35
+
+
+def test_indicator_missing_ood_dataset_is_a_clear_error(monkeypatch):
+    from spmc_jax.data import sources
+
+    monkeypatch.setattr(sources, "locate", lambda *a, **k: None)
+    ood_images.cache_clear()
+    env = dataclasses.replace(
+        make_env(6, D), dataset="mnist", mean=tuple(MEAN["mnist"]), std=tuple(STD["mnist"])
+    )
+    want = r"indicator needs its OOD dataset 'fashion_mnist' locally .*indicator\.ood"
+    with pytest.raises(ValueError, match=want):
+        get_aggregator("indicator", env, n_samples=7)
+    ood_images.cache_clear()
