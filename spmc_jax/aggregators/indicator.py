@@ -126,7 +126,7 @@ def ood_images(
       ValueError: the source is not available locally or has fewer than M images.
     """
     ds = load_second_dataset(
-        source, data_dir, needed_by="indicator needs its OOD dataset", option="indicator.ood"
+        source, data_dir, needed_by="indicator needs its OOD dataset", option="--defense-opt ood"
     )
     if n_samples > len(ds.x_train):
         raise ValueError(

@@ -22,7 +22,8 @@ objective from the boosted weights, possibly for more steps). Each step spends i
 batch on one objective: the poisoned samples on a malicious step (mean over them), the
 clean ones on a stealth step (mean over them). The sent model is the last iterate, with no
 further boosting. Granularity, stated: the paper alternates per epoch of each objective;
-here the unit is one batch (a local step). λ·∇ enters the clients' optimiser, so with
+here the unit is one batch (a local step); an attacker with a single batch per epoch
+therefore takes only malicious steps. λ·∇ enters the clients' optimiser, so with
 momentum or weight decay the boosting is of the malicious gradient rather than exactly of
 the step (exact for plain SGD, the paper's setting).
 
