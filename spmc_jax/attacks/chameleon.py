@@ -87,9 +87,10 @@ def chameleon_supcon(
       fac_scale: ω, the weight of the target-class anchors.
       obstructor_scale: κ, the factor on poisoned-obstructor similarities.
     """
-    # F.normalize: z / max(‖z‖, 1e-12)
-    norm = jnp.sqrt(jnp.sum(feats * feats, axis=1, keepdims=True))
-    z = feats / jnp.maximum(norm, 1e-12)
+    # F.normalize, z / max(‖z‖, 1e-12), with the max taken on ‖z‖²: a zero feature row (a
+    # dead ReLU layer) then has a finite gradient (√ is not differentiable at 0).
+    sq = jnp.sum(feats * feats, axis=1, keepdims=True)
+    z = feats / jnp.sqrt(jnp.maximum(sq, 1e-24))
     b = z.shape[0]
     eye = jnp.eye(b, dtype=bool)
     # (p, o): p poisoned (its label was changed), o clean with p's original label.

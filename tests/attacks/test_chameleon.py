@@ -93,6 +93,20 @@ def test_contrastive_loss_hand_checked():
     )
 
 
+def test_contrastive_loss_gradient_is_finite_on_a_zero_feature_row():
+    """A sample whose features are all 0 (a dead ReLU layer) must not turn the attacker's
+    gradient into NaN (the engine would then drop the client's model)."""
+    feats, y, yc, pois = (jnp.asarray(a) for a in _peer_batch(2))
+    feats = feats.at[3].set(0.0)
+    g = jax.jit(jax.grad(chameleon_supcon))(feats, y, yc, pois, 2, 0.07, 6.0, 2.0)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+    np.testing.assert_allclose(
+        float(_loss(feats, y, yc, pois, 2, 0.07, 6.0, 2.0)),
+        oracle.chameleon_supcon(np.asarray(feats), y, yc, pois, 2, 0.07, 6.0, 2.0),
+        rtol=LOSS_RTOL,
+    )
+
+
 def test_contrastive_stage_length():
     steps = jnp.asarray([1, 2, 3, 4, 8, 13])
     np.testing.assert_array_equal(np.asarray(contrastive_steps(steps, 0.75)), [1, 1, 2, 3, 6, 9])
