@@ -39,8 +39,10 @@ steps, so the two stages split the attackers' `epochs × batches` steps by
 `contrastive_fraction` (the authors: 10 contrastive and 2-3 classifier epochs with their own
 learning-rate schedules, longer than benign training); both stages use the run's optimiser
 and learning rate. The authors' norm bound on the attackers' models composes as `+pgd`.
-Each client of the round computes the contrastive gradient (the vmapped step evaluates it
-for benign rows too and discards it there), about one more forward/backward pass per step.
+Under SPMC the attackers' contrastive gradient goes through the client-side projection like
+a cross-entropy gradient would (`--attackers-projection` decides). Every client of the round
+computes the contrastive gradient (the vmapped step evaluates it for benign rows too and
+discards it there): about one more forward/backward pass per step.
 
 The trigger is a registered stamped trigger (`trigger`, default the reference `base`), built
 with this attack's `target` and `poison_rate`: `--attack chameleon` is a complete backdoor

@@ -366,3 +366,14 @@ def test_cli_two_rounds(tmp_path, blobs, monkeypatch):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["r_trigger"] == "attack"
     assert ["chameleon", "trigger", "pattern"] in summary["config"]["attack_opts"]
+
+
+def test_attack_help_lists_chameleon_with_its_paper_and_options():
+    from spmc_jax.train import list_registry
+
+    lines = list_registry("attack").splitlines()
+    i = next(k for k, line in enumerate(lines) if line.split()[:1] == ["chameleon"])
+    assert "Dai & Li" in lines[i + 1] and "ICML 2023" in lines[i + 1]
+    assert "trigger='base'" in lines[i + 2] and "contrastive_fraction=0.75" in lines[i + 2]
+    heading = max(k for k, line in enumerate(lines[:i]) if not line.startswith(" "))
+    assert "own training objective" in lines[heading]
