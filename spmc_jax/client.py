@@ -15,12 +15,15 @@ forward pass, not a second student forward.
 
 Client hooks (`ClientHook`) are the one extension point for everything that changes what a
 client does beyond its data and SPMC: FedProx's proximal term, local DP, training-time
-attacks (Neurotoxin, A3FL, IBA). A hook may (a) transform the gradient inside the jitted
-step, (b) keep a small per-run state in `engine.RunState` that is updated once per round
-outside the client vmap, before local training (a trigger being optimised, the previous
-global model) and is read by the step and the data attack, and (c) transform the (n, d)
-matrix of trained client rows before aggregation. With no hooks every code path is the
-one without them (bit-identical numbers).
+attacks (Neurotoxin, A3FL, IBA, Chameleon). A hook may (a) transform the gradient inside the
+jitted step, (b) keep a small per-run state in `engine.RunState` that is updated once per
+round outside the client vmap, before local training (a trigger being optimised, the previous
+global model) and is read by the step and the data attack, (c) transform the (n, d) matrix of
+trained client rows before aggregation, and (d) replace a client's local objective
+(`objective`: a loss on the model's features or logits to differentiate instead of the
+cross-entropy, which parameters the step may update, and when the optimiser restarts; at most
+one hook per run). With no hooks every code path is the one without them (bit-identical
+numbers).
 """
 
 from __future__ import annotations
@@ -178,6 +181,53 @@ class RowsContext(NamedTuple):
     state: PyTree
 
 
+class LossInputs(NamedTuple):
+    """What a hook's `objective` sees at one local step of one client (inside the vmap).
+
+    Attributes:
+      x: (B, H, W, C) the batch after augmentation and the data attack.
+      y: (B,) int labels after the data attack.
+      y_clean: (B,) int labels before the data attack.
+      poisoned: (B,) bool, the samples the data attack poisoned at this step (all False
+        for benign clients, outside the attack window, and without a data attack).
+      features: `features(params) -> (B, F)`: the penultimate-layer representation of `x`
+        (the classifier layer's input), train mode, differentiable in `params`.
+      logits: `logits(params) -> (B, classes)` of `x`, train mode.
+      step: int32 index of this step among the client's active local steps of the round.
+      steps: int32 number of the client's active local steps in the round (epochs × its
+        full batches).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    y_clean: jax.Array
+    poisoned: jax.Array
+    features: Callable[[PyTree], jax.Array]
+    logits: Callable[[PyTree], jax.Array]
+    step: jax.Array
+    steps: jax.Array
+
+
+class Objective(NamedTuple):
+    """A hook's replacement of one client's local step (`ClientHook.objective`).
+
+    Attributes:
+      use: bool, differentiate `loss` instead of the cross-entropy at this step.
+      loss: `loss(params) -> scalar`, the objective (read only where `use`).
+      trainable: per-leaf multipliers of the optimiser's update, a pytree like the
+        parameters (1: trained, 0: frozen, e.g. an encoder or a classifier head); None:
+        every parameter is trained. A frozen leaf keeps its value exactly (weight decay
+        and momentum included).
+      restart: bool, a fresh optimiser state before this step (a training stage with its
+        own optimiser, as a new `torch.optim.SGD` would be).
+    """
+
+    use: jax.Array
+    loss: Callable[[PyTree], jax.Array]
+    trainable: PyTree | None
+    restart: jax.Array
+
+
 class ClientHook(NamedTuple):
     """One client-side extension; every member optional (None: not used).
 
@@ -196,6 +246,9 @@ class ClientHook(NamedTuple):
       rows: `rows(W, RowsContext) -> W` on the (n, d) trained client rows, after model
         attacks and before the server's sanitising and aggregation.
       needs_attacker_data: the `server` update reads `ServerContext.attacker_x/y`.
+      objective: `objective(LossInputs, GradContext) -> Objective`, inside the jitted
+        step: where its `use` is set, the client's gradient is that of `Objective.loss`
+        instead of the cross-entropy's (before SPMC's projection and the `grad` hooks).
     """
 
     name: str
@@ -205,13 +258,23 @@ class ClientHook(NamedTuple):
     rows: Callable[[jax.Array, RowsContext], jax.Array] | None = None
     needs_attacker_data: bool = False
     sample_weights: Callable[[jax.Array, GradContext], jax.Array] | None = None
+    objective: Callable[[LossInputs, GradContext], Objective] | None = None
 
 
 class HookInputs(NamedTuple):
-    """Per-round inputs of every hook of a client's local training."""
+    """Per-round inputs of every hook of a client's local training.
+
+    Attributes:
+      global_params: the round's global parameters.
+      states: every hook's state, in `collect_hooks` order.
+      epoch: int32 index of the current local epoch (set by `local_train`).
+      epochs: the number of local epochs of the round.
+    """
 
     global_params: PyTree
     states: tuple[PyTree, ...]
+    epoch: Any = 0
+    epochs: int = 1
 
 
 def collect_hooks(
@@ -308,12 +371,18 @@ def make_client_step(
             f"client hooks {[h.name for _, h in weight_hooks]} all set per-sample loss "
             "weights; accepted: at most one"
         )
+    obj_hooks = [(i, h) for i, h in enumerate(hooks) if h.objective is not None]
+    if len(obj_hooks) > 1:
+        raise ValueError(
+            "at most one client hook may replace the local objective, got "
+            f"{', '.join(h.name for _, h in obj_hooks)}"
+        )
 
-    def forward(variables: PyTree, x: jax.Array):
+    def forward(variables: PyTree, x: jax.Array, **kw: Any):
         if "batch_stats" in variables:
-            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"], **kw)
             return logits, upd["batch_stats"]
-        return model.apply(variables, x, train=True), None
+        return model.apply(variables, x, train=True, **kw), None
 
     def step(
         variables: PyTree,
@@ -332,7 +401,7 @@ def make_client_step(
         k_aug, k_att = jax.random.split(jax.random.fold_in(key, s))
         sel = task.idx[jax.lax.dynamic_slice(perm, (s * batch_size,), (batch_size,))]
         x = transform(k_aug, data.x[sel])
-        y = data.y[sel]
+        y = y_clean = data.y[sel]
         flags = jnp.zeros(y.shape, bool)
         if data_attack is not None:
             flags = data.poison[sel] & task.malicious & attack_on
@@ -372,6 +441,29 @@ def make_client_step(
             (g,) = vjp_fn((probs - onehot) * wts[:, None])
         else:
             (g,) = vjp_fn((probs - onehot) / batch_size)
+        obj = None
+        if obj_hooks:  # a hook's own objective (Chameleon) where it says so
+            assert hook_inputs is not None
+            i, h = obj_hooks[0]
+            assert h.objective is not None
+            n_b = task.size // batch_size
+            inputs = LossInputs(
+                x=x,
+                y=y,
+                y_clean=y_clean,
+                poisoned=flags,
+                # Train mode; the BatchNorm statistics come from the forward pass above
+                # (same batch and parameters up to the features, so the same statistics).
+                features=lambda p: forward({**rest, "params": p}, x, penultimate=True)[0],
+                logits=lambda p: forward({**rest, "params": p}, x)[0],
+                step=(jnp.asarray(hook_inputs.epoch) * n_b + s).astype(jnp.int32),
+                steps=(hook_inputs.epochs * n_b).astype(jnp.int32),
+            )
+            obj = h.objective(inputs, hook_ctx(i))
+            g_obj = jax.grad(obj.loss)(variables["params"])
+            g = jax.tree.map(lambda a, b: jnp.where(obj.use, a.astype(b.dtype), b), g_obj, g)
+            fresh = optimizer.init(variables["params"])
+            opt_state = jax.tree.map(lambda a, b: jnp.where(obj.restart, a, b), fresh, opt_state)
         n_proj = jnp.zeros((), jnp.float32)
         if spmc is not None:
             from spmc_jax.spmc import project, project_stats
@@ -406,6 +498,8 @@ def make_client_step(
             assert h.grad is not None
             g = h.grad(g, hook_ctx(i))
         updates, new_opt = optimizer.update(g, opt_state, variables["params"])
+        if obj is not None and obj.trainable is not None:
+            updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, obj.trainable)
         new_vars = dict(variables)
         new_vars["params"] = optax.apply_updates(variables["params"], updates)
         if new_stats is not None:
@@ -503,11 +597,12 @@ def local_train_from_step(
         opt_state = optimizer.init(variables["params"])
         n_batches = task.size // batch_size
         # Hooks see the round's global parameters: the client's starting point.
-        extra = (HookInputs(variables["params"], tuple(hook_states)),) if hook_states else ()
+        inputs = HookInputs(variables["params"], tuple(hook_states), jnp.int32(0), epochs)
 
-        def step(carry, s, perm, key):
+        def step(carry, s, perm, key, e):
             variables, opt_state, loss_sum, proj_sum = carry
             active = s < n_batches
+            extra = (inputs._replace(epoch=e),) if hook_states else ()
             out = one_step(
                 variables, opt_state, teacher, data, task, attack_on, perm, key, s, *extra
             )
@@ -526,7 +621,7 @@ def local_train_from_step(
         def epoch(carry, e):
             perm, k_steps = epoch_order(task, e)
             carry, _ = jax.lax.scan(
-                lambda c, s: step(c, s, perm, k_steps), carry, jnp.arange(steps_per_epoch)
+                lambda c, s: step(c, s, perm, k_steps, e), carry, jnp.arange(steps_per_epoch)
             )
             return carry, None
 

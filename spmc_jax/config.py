@@ -467,6 +467,7 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
         model=ModelOps(flat, _ShapeOnlyProxy()._fail),
         dataset=cfg.dataset,
         data_dir=cfg.data_dir,
+        output_layer=OUTPUT_LAYERS[cfg.model],
     )
     return agg_env, attack_env
 

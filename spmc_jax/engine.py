@@ -636,6 +636,7 @@ class Simulation:
             model=ModelOps(self.flat, self._logits),
             dataset=cfg.dataset,
             data_dir=cfg.data_dir,
+            output_layer=OUTPUT_LAYERS[cfg.model],
         )
         self.data_attack, self.model_attacks = parse_attack(cfg.attack, env, cfg.attack_options())
         # ---- client hooks (client.ClientHook): stateful triggers, training-time attacks,

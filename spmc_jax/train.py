@@ -590,7 +590,10 @@ def check_devices(cfg: Config) -> None:
 
 ATTACK_KIND_HEADINGS = {
     "data": "data attacks (change the attackers' training data: poison samples, add a trigger):",
-    "client_data": "data attacks with a trigger the attackers optimise during the run:",
+    "client_data": (
+        "data attacks with their own client hook (a trigger the attackers optimise during the "
+        "run, or their own training objective):"
+    ),
     "client": "training-time attacks (change how the attackers train, e.g. their gradients):",
     "model": "model attacks (change the attackers' trained models before aggregation):",
 }

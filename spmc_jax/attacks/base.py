@@ -60,6 +60,8 @@ class AttackEnv:
       dataset: the run's dataset name ("" when unknown); `edge_case` picks its
         out-of-distribution source from it.
       data_dir: the run's `--data-dir` (where `edge_case` looks for its source).
+      output_layer: flax module name of the model's classifier layer ("" when unknown;
+        `chameleon` trains it apart from the encoder).
     """
 
     image_shape: tuple[int, int, int]
@@ -73,6 +75,7 @@ class AttackEnv:
     model: Any = None
     dataset: str = ""
     data_dir: str | None = None
+    output_layer: str = ""
 
     def __post_init__(self) -> None:
         if self.param_mask is not None:
