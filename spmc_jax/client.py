@@ -189,14 +189,18 @@ class ClientHook(NamedTuple):
       rows: `rows(W, RowsContext) -> W` on the (n, d) trained client rows, after model
         attacks and before the server's sanitising and aggregation.
       needs_attacker_data: the `server` update reads `ServerContext.attacker_x/y`.
+      rows_state: `rows` returns `(W, state)`: the hook records what it sent this round
+        (3DFed's indicators, read back from the next global model); its state then
+        carries over to the next round's `server` update.
     """
 
     name: str
     init: Callable[[jax.Array], PyTree] | None = None
     server: Callable[[PyTree, ServerContext], PyTree] | None = None
     grad: Callable[[PyTree, GradContext], PyTree] | None = None
-    rows: Callable[[jax.Array, RowsContext], jax.Array] | None = None
+    rows: Callable[[jax.Array, RowsContext], Any] | None = None  # W, or (W, state)
     needs_attacker_data: bool = False
+    rows_state: bool = False
 
 
 class HookInputs(NamedTuple):
@@ -239,11 +243,28 @@ def apply_row_hooks(
     key: jax.Array,
 ) -> jax.Array:
     """Apply every hook's `rows` transform in order (hook i gets key fold_in(key, i))."""
+    return row_hooks(hooks, states, W, global_flat, malicious, attack_on, key)[0]
+
+
+def row_hooks(
+    hooks: Sequence[ClientHook],
+    states: tuple[PyTree, ...],
+    W: jax.Array,
+    global_flat: jax.Array,
+    malicious: jax.Array,
+    attack_on: jax.Array,
+    key: jax.Array,
+) -> tuple[jax.Array, tuple[PyTree, ...]]:
+    """`apply_row_hooks` that also returns the states (updated by `rows_state` hooks)."""
+    out = list(states)
     for i, (h, s) in enumerate(zip(hooks, states, strict=True)):
         if h.rows is not None:
             ctx = RowsContext(global_flat, malicious, attack_on, jax.random.fold_in(key, i), s)
-            W = h.rows(W, ctx)
-    return W
+            if h.rows_state:
+                W, out[i] = h.rows(W, ctx)
+            else:
+                W = h.rows(W, ctx)
+    return W, tuple(out)
 
 
 class LocalResult(NamedTuple):
