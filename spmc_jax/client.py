@@ -19,8 +19,9 @@ attacks (Neurotoxin, A3FL, IBA). A hook may (a) transform the gradient inside th
 step, (b) keep a small per-run state in `engine.RunState` that is updated once per round
 outside the client vmap, before local training (a trigger being optimised, the previous
 global model) and is read by the step and the data attack, and (c) transform the (n, d)
-matrix of trained client rows before aggregation. With no hooks every code path is the
-one without them (bit-identical numbers).
+matrix of trained client rows before aggregation (with `rows_state`, also recording in
+its state what it sent, for the next round's `server` update: 3DFed's indicators). With
+no hooks every code path is the one without them (bit-identical numbers).
 """
 
 from __future__ import annotations

@@ -234,6 +234,11 @@ def select_indicators(
     """(slots,) coordinates: among the `num_candidate`·slots smallest `analog` of the
     `allowed` coordinates, the `slots` smallest |curv| (ties: smaller analog, lower index)."""
     idx = np.flatnonzero(allowed)
+    if idx.size < slots:
+        raise ValueError(
+            f"three_dfed: {idx.size} non-classifier parameters for {slots} indicators (one "
+            "per client slot); accepted: a model with at least n of them"
+        )
     n_cand = min(num_candidate * slots, idx.size)
     _, pos = jax.lax.top_k(-analog[idx], n_cand)  # ascending analog, stable
     cand = jnp.asarray(idx)[pos]
