@@ -14,7 +14,7 @@ the round's malicious rows); the first m - k send the backdoor, the last k send 
    w_i - g (the paper trains one and sends it from every attacker), u_ref a benign
    reference update, and
        u_b <- s u_b,   s = max(min(||u_ref|| / ||u_b||, weight_scale), 1).
-3. Indicators (§V): every slot r gets one parameter I_r whose echo in the next global model
+3. Indicators: every slot r gets one parameter I_r whose echo in the next global model
    tells whether its update was accepted. Candidates: the `num_candidate`·S coordinates
    (S = n slots) with the smallest |u_b| + |u_ref| outside the classifier layer; among
    them, the S with the smallest curvature |(H 1_L)_i| (H the Hessian of the attackers'
@@ -26,7 +26,7 @@ the round's malicious rows); the first m - k send the backdoor, the last k send 
    round-off, `WEAK_DP_TOL`) or f_r < -threshold (then tuning stops for the run: alpha =
    alpha_min, k = 0); otherwise f_r <= threshold is "rejected", f_r <= 0.8·max f
    "clipped", the rest "accepted".
-4. Noise masks (§VII): groups of `group_size` backdoor slots (slot r in group r //
+4. Noise masks: groups of `group_size` backdoor slots (slot r in group r //
    group_size); each group draws `num_neurons` output neurons other than `target` and
    optimises one mask N_i per member on those neurons' classifier entries (kernel column
    and bias), initialised N(0, noise_std^2) and centred on the group mean, by `noise_steps`
@@ -37,11 +37,11 @@ the round's malicious rows); the first m - k send the backdoor, the last k send 
    masks raise the update energy of non-target neurons (hiding the target neuron's
    prominence from NEUP-style inspection, DeepSight) and differentiate the attackers (vs.
    cosine clustering, FoolsGold), while their sum, what averaging keeps, is held near 0.
-5. Decoy models (§VIII): decoy q is the benign reference update with one classifier weight
+5. Decoy models: decoy q is the benign reference update with one classifier weight
    p_q (the q-th smallest |u_b - u_ref|) moved `decoy_shift` away from it:
    u_dec[p_q] = u_ref[p_q] - decoy_shift · sgn(u_ref[p_q]) (sgn 0 = +1). A clustering
    defense isolates the decoys and the backdoor slots join the benign cluster.
-6. Adaptive tuning (§IX), at the next round from the feedback: k <- max(k - #accepted
+6. Adaptive tuning, at the next round from the feedback: k <- max(k - #accepted
    decoys, 0), then k <- k + 1 when no backdoor slot was accepted or clipped and no decoy
    accepted; k <= n - 1. A group is a candidate when >= 80% of its slots were accepted;
    with one active group alpha is redrawn U(alpha_min, 1) unless it is a candidate; with
@@ -60,8 +60,10 @@ non-classifier parameter and decoy weights over the classifier kernel, and the c
 taken on the attackers' clean sample only (the data attack's trigger is not visible to
 this hook); (e) each mask descends its own loss simultaneously (the authors' loop
 accumulates gradients across masks and adds weight decay); (f) tuning groups count only
-the slots sent that round. Indicator state is kept per slot, so with client sampling a
-slot's feedback is read only when it was sent.
+the slots sent that round; (g) `threshold` defaults to 1e-2 (paper 1e-4 for MNIST, 1e-5):
+on the small models simulated here other benign clients move an indicator by up to ~1e-3
+of v, which the paper's value would read as weak DP. Indicator state is kept per slot, so
+with client sampling a slot's feedback is read only when it was sent.
 """
 
 from __future__ import annotations
@@ -260,7 +262,7 @@ def optimise_masks(
 
     Args:
       ub: (J, e) the scaled backdoor update on the group's neurons' classifier entries.
-      n0: (M, e... ) (M, J, e) initial noise.
+      n0: (M, J, e) initial noise (M = group_size members).
       present: (M,) bool, members sent.
       alpha: the group's trade-off.
       steps, lr, momentum, lagrange_step: the optimiser.

@@ -1,6 +1,6 @@
 """Float64 NumPy oracle of 3DFed's crafted update, feedback reading and tuning, written from
-Li et al., "3DFed", IEEE S&P 2023 (§V indicators, §VII noise masks, §VIII decoys, §IX
-adaptive tuning) as restated in spmc_jax/attacks/three_dfed.py's docstring; loops per slot
+Li et al., "3DFed", IEEE S&P 2023 (indicators, noise masks, decoy models and
+the adaptive tuning) as restated in spmc_jax/attacks/three_dfed.py's docstring; loops per slot
 and per optimiser step, no vectorised tricks of the code under test.
 """
 
@@ -31,7 +31,7 @@ def read_feedback(delta, ind_val, sent, threshold, tol):
 
 
 def tune(status, decoy, alpha, k, unif, group_size, alpha_min, k_max):
-    """(alpha, k) after a reading (tuning of §IX, groups counting their sent slots)."""
+    """(alpha, k) after a reading (adaptive tuning, groups counting their sent slots)."""
     bd = [r for r in range(len(status)) if status[r] >= 0 and not decoy[r]]
     dec = [r for r in range(len(status)) if status[r] >= 0 and decoy[r]]
     dec_acc = sum(status[r] == 2 for r in dec)
