@@ -15,15 +15,16 @@ forward pass, not a second student forward.
 
 Client hooks (`ClientHook`) are the one extension point for everything that changes what a
 client does beyond its data and SPMC: FedProx's proximal term, local DP, training-time
-attacks (Neurotoxin, A3FL, IBA, Chameleon). A hook may (a) transform the gradient inside the
-jitted step, (b) keep a small per-run state in `engine.RunState` that is updated once per
-round outside the client vmap, before local training (a trigger being optimised, the previous
-global model) and is read by the step and the data attack, (c) transform the (n, d) matrix of
-trained client rows before aggregation, and (d) replace a client's local objective
-(`objective`: a loss on the model's features or logits to differentiate instead of the
-cross-entropy, which parameters the step may update, and when the optimiser restarts; at most
-one hook per run). With no hooks every code path is the one without them (bit-identical
-numbers).
+attacks (Neurotoxin, A3FL, IBA, Chameleon, 3DFed). A hook may (a) transform the gradient
+inside the jitted step, (b) keep a small per-run state in `engine.RunState` that is updated
+once per round outside the client vmap, before local training (a trigger being optimised, the
+previous global model) and is read by the step and the data attack, (c) transform the (n, d)
+matrix of trained client rows before aggregation (with `rows_state`, also recording in its
+state what it sent, for the next round's `server` update: 3DFed's indicators), and (d)
+replace a client's local objective (`objective`: a loss on the model's features or logits to
+differentiate instead of the cross-entropy, which parameters the step may update, and when the
+optimiser restarts; at most one hook per run). With no hooks every code path is the one
+without them (bit-identical numbers).
 """
 
 from __future__ import annotations
@@ -249,16 +250,20 @@ class ClientHook(NamedTuple):
       objective: `objective(LossInputs, GradContext) -> Objective`, inside the jitted
         step: where its `use` is set, the client's gradient is that of `Objective.loss`
         instead of the cross-entropy's (before SPMC's projection and the `grad` hooks).
+      rows_state: `rows` returns `(W, state)`: the hook records what it sent this round
+        (3DFed's indicators, read back from the next global model); its state then
+        carries over to the next round's `server` update.
     """
 
     name: str
     init: Callable[[jax.Array], PyTree] | None = None
     server: Callable[[PyTree, ServerContext], PyTree] | None = None
     grad: Callable[[PyTree, GradContext], PyTree] | None = None
-    rows: Callable[[jax.Array, RowsContext], jax.Array] | None = None
+    rows: Callable[[jax.Array, RowsContext], Any] | None = None  # W, or (W, state)
     needs_attacker_data: bool = False
     sample_weights: Callable[[jax.Array, GradContext], jax.Array] | None = None
     objective: Callable[[LossInputs, GradContext], Objective] | None = None
+    rows_state: bool = False
 
 
 class HookInputs(NamedTuple):
@@ -310,11 +315,28 @@ def apply_row_hooks(
     key: jax.Array,
 ) -> jax.Array:
     """Apply every hook's `rows` transform in order (hook i gets key fold_in(key, i))."""
+    return row_hooks(hooks, states, W, global_flat, malicious, attack_on, key)[0]
+
+
+def row_hooks(
+    hooks: Sequence[ClientHook],
+    states: tuple[PyTree, ...],
+    W: jax.Array,
+    global_flat: jax.Array,
+    malicious: jax.Array,
+    attack_on: jax.Array,
+    key: jax.Array,
+) -> tuple[jax.Array, tuple[PyTree, ...]]:
+    """`apply_row_hooks` that also returns the states (updated by `rows_state` hooks)."""
+    out = list(states)
     for i, (h, s) in enumerate(zip(hooks, states, strict=True)):
         if h.rows is not None:
             ctx = RowsContext(global_flat, malicious, attack_on, jax.random.fold_in(key, i), s)
-            W = h.rows(W, ctx)
-    return W
+            if h.rows_state:
+                W, out[i] = h.rows(W, ctx)
+            else:
+                W = h.rows(W, ctx)
+    return W, tuple(out)
 
 
 class LocalResult(NamedTuple):

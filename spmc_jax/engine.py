@@ -40,13 +40,13 @@ from spmc_jax.client import (
     ModelOps,
     ServerContext,
     SpmcClientOptions,
-    apply_row_hooks,
     collect_hooks,
     init_hook_states,
     local_train_from_step,
     make_client_step,
     make_local_train,
     make_optimizer,
+    row_hooks,
     server_update,
 )
 from spmc_jax.client_hooks import config_hooks
@@ -1111,7 +1111,7 @@ class Simulation:
                 W,
             )
         if self.hooks:  # client hooks: transforms of the trained rows (local DP, ...)
-            W = apply_row_hooks(
+            W, hook_states = row_hooks(
                 self.hooks,
                 state.hooks,
                 W,
@@ -1120,6 +1120,7 @@ class Simulation:
                 attack_on,
                 jax.random.fold_in(key, 0x600D),
             )
+            state = state._replace(hooks=hook_states)  # `rows_state` hooks record
         W, valid = sanitize(W, state.global_flat)
         ctx = RoundContext(
             global_flat=state.global_flat,
