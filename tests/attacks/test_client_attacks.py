@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from spmc_jax.attacks import REGISTRY, AttackEnv, get_attack, parse_attack, parse_client_attacks
+from spmc_jax.attacks import a3fl as a3fl_mod
 from spmc_jax.attacks.neurotoxin import keep_mask
 from spmc_jax.client import ClientHook, GradContext, ModelOps, ServerContext
 from spmc_jax.config import Config
@@ -137,9 +138,11 @@ def test_a3fl_trigger_search_matches_oracle():
     env, g, variables, x, y = _linear_env()
     attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
     hook = attack.hook
-    p0 = hook.init(g)
+    s0 = hook.init(g)
+    p0 = s0[0]
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
-    got = np.asarray(jax.jit(hook.server)(p0, ctx))
+    got, lam = jax.jit(hook.server)(s0, ctx)
+    got = np.asarray(got)
     mask = np.zeros((32, 32, 3), bool)
     mask[:4, :4] = True
     lo = (0 - np.array(env.mean)) / np.array(env.std)
@@ -162,8 +165,9 @@ def test_a3fl_trigger_search_matches_oracle():
     assert not np.allclose(got, np.asarray(p0))
     np.testing.assert_array_equal(got[~mask], 0.0)  # nothing outside the patch
     # Outside the attack window the trigger is kept.
-    off = jax.jit(hook.server)(p0, ctx._replace(attack_on=jnp.asarray(False)))
-    np.testing.assert_array_equal(np.asarray(off), np.asarray(p0))
+    assert float(lam) == 0.0  # no adversarial model, no weight
+    off = jax.jit(hook.server)(s0, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off[0]), np.asarray(p0))
 
 
 def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
@@ -171,12 +175,103 @@ def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
     plain = get_attack("a3fl", env, steps=3, adv_steps=0).hook
     adv = get_attack("a3fl", env, steps=3, adv_steps=3, adv_lr=5.0).hook
-    a = np.asarray(plain.server(plain.init(g), ctx))
-    b = np.asarray(adv.server(adv.init(g), ctx))
+    a = np.asarray(plain.server(plain.init(g), ctx)[0])
+    b = np.asarray(adv.server(adv.init(g), ctx)[0])
     assert not np.array_equal(a, b)
     lo = (0 - np.array(env.mean)) / np.array(env.std)
     hi = (1 - np.array(env.mean)) / np.array(env.std)
     assert np.all(b >= lo - 1e-6) and np.all(b <= hi + 1e-6)
+
+
+def test_a3fl_similarity_weight_matches_oracle():
+    """λ = λ₀·mean over kernels of cos(θ'_l, θ_g,l) on hand-built params (a conv and a dense
+    kernel, biases and a norm scale that take no part), against the float64 oracle."""
+    rng = np.random.RandomState(4)
+    shapes = {"conv": {"kernel": (3, 3, 2, 4), "bias": (4,)}, "bn": {"scale": (4,)}}
+    shapes["dense"] = {"kernel": (8, 3), "bias": (3,)}
+    glob = jax.tree.map(
+        lambda s: rng.randn(*s).astype(np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
+    adv = jax.tree.map(lambda a: a + rng.randn(*a.shape).astype(np.float32), glob)
+    lam0 = 0.7
+    got = float(a3fl_mod.adversarial_weight(adv, glob, lam0, "similarity"))
+    leaves_a, leaves_g = jax.tree.leaves(adv), jax.tree.leaves(glob)
+    want = lam0 * oracle.kernel_cosine(leaves_a, leaves_g)
+    # Two float32 dot products of <= 72 terms: 1e-6 relative.
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert 0.1 < want / lam0 < 0.95  # the perturbation really moved the weight off 1
+    # Hand-checked: identical kernels give λ₀, a flipped conv kernel gives mean(−1, 1) = 0.
+    assert float(a3fl_mod.adversarial_weight(glob, glob, lam0, "similarity")) == pytest.approx(
+        lam0, rel=1e-6
+    )
+    flipped = {**glob, "conv": {**glob["conv"], "kernel": -glob["conv"]["kernel"]}}
+    assert float(a3fl_mod.adversarial_weight(flipped, glob, lam0, "similarity")) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert float(a3fl_mod.adversarial_weight(adv, glob, lam0, "fixed")) == pytest.approx(lam0)
+    with pytest.raises(ValueError, match="no kernel"):
+        a3fl_mod.kernel_cosine({"b": jnp.ones(3)}, {"b": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("rule", ["similarity", "fixed"])
+def test_a3fl_adaptive_search_matches_oracle(rule):
+    """The whole search with the adversarial model (re-crafted every 2 of 4 steps) and its
+    weight rule against the float64 oracle on a linear model."""
+    env, g, variables, x, y = _linear_env(5)
+    kw = dict(steps=4, alpha=0.1, adv_steps=2, adv_lr=0.5, adv_weight=3.0, adv_every=2)
+    hook = get_attack("a3fl", env, size=4, weight_rule=rule, **kw).hook
+    s0 = hook.init(g)
+    p0 = s0[0]
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    got, lam = jax.jit(hook.server)(s0, ctx)
+    got = np.asarray(got)
+    mask = np.zeros((32, 32, 3), bool)
+    mask[:4, :4] = True
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    want, smallest, lams = oracle.a3fl_linear_adaptive_trigger(
+        np.asarray(x),
+        np.asarray(y),
+        mask,
+        np.asarray(p0),
+        np.asarray(variables["params"]["w"], np.float64),
+        np.asarray(variables["params"]["b"], np.float64),
+        2,
+        0.1,
+        4,
+        lo,
+        hi,
+        2,
+        0.5,
+        3.0,
+        2,
+        rule,
+    )
+    assert smallest > 1e-3  # every sign well defined in float32
+    assert len(lams) == 2
+    # The state keeps the last block's λ (float32 cosines: 1e-5 relative).
+    np.testing.assert_allclose(float(lam), lams[-1], rtol=1e-5)
+    if rule == "similarity":
+        assert all(2.0 < lam < 2.5 for lam in lams)  # the unlearning moved W: sim ≈ 0.71
+    # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, np.asarray(p0))
+
+
+def test_a3fl_weight_rule_reaches_the_search():
+    """The similarity rule and the fixed rule give different triggers once θ' has moved."""
+    env, g, _, x, y = _linear_env(5)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    kw = dict(steps=3, adv_steps=3, adv_lr=2.0, adv_weight=3.0)
+    a = get_attack("a3fl", env, weight_rule="similarity", **kw).hook
+    b = get_attack("a3fl", env, weight_rule="fixed", **kw).hook
+    assert not np.array_equal(
+        np.asarray(a.server(a.init(g), ctx)[0]), np.asarray(b.server(b.init(g), ctx)[0])
+    )
+    with pytest.raises(ValueError, match="weight_rule"):
+        get_attack("a3fl", env, weight_rule="cosine")
+    with pytest.raises(ValueError, match="adv_every"):
+        get_attack("a3fl", env, adv_every=-1)
 
 
 def test_a3fl_stamps_only_flagged_samples_with_the_state():
@@ -184,13 +279,13 @@ def test_a3fl_stamps_only_flagged_samples_with_the_state():
     attack = get_attack("a3fl", env, size=3)
     pattern = jnp.full((32, 32, 3), 7.0)
     flags = jnp.arange(16) % 2 == 0
-    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), pattern)
+    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), (pattern, jnp.float32(0)))
     xo, yo = np.asarray(xo), np.asarray(yo)
     np.testing.assert_array_equal(xo[1::2], np.asarray(x)[1::2])
     np.testing.assert_array_equal(yo[1::2], np.asarray(y)[1::2])
     assert np.all(xo[::2, :3, :3] == 7.0) and np.all(yo[::2] == 2)
     np.testing.assert_array_equal(xo[::2, 3:], np.asarray(x)[::2, 3:])
-    xt, yt = attack.test(x, y, pattern)
+    xt, yt = attack.test(x, y, (pattern, jnp.float32(0)))
     assert np.all(np.asarray(xt)[:, :3, :3] == 7.0) and np.all(np.asarray(yt) == 2)
 
 
@@ -201,13 +296,28 @@ def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
     cfg = Config(**{**TINY, "attack": "a3fl"})
     res = run(cfg, blobs)
     sim = res.sim
-    pattern = np.asarray(res.state.hooks[0])
-    start = np.asarray(sim.data_attack.hook.init(sim.init_flat))
+    pattern = np.asarray(res.state.hooks[0][0])
+    start = np.asarray(sim.data_attack.hook.init(sim.init_flat)[0])
     assert not np.array_equal(pattern, start)
     np.testing.assert_array_equal(pattern[5:], 0.0)
     assert sim.r_trigger == "attack"
     assert res.history[-1]["R"] is not None
     assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
+
+
+def test_a3fl_weight_rule_option_reaches_the_run(blobs):
+    """`--attack-opt a3fl.weight_rule=...` reaches a 2-round run: the λ its last trigger
+    search used is λ₀ = 3 with `fixed`, and λ₀·sim(θ', θ_g) < λ₀ with `similarity` once θ'
+    is strongly unlearned (adv_lr 5)."""
+    opts = (("a3fl", "adv_lr", "5"), ("a3fl", "adv_weight", "3"))
+    lams = {}
+    for rule in ("similarity", "fixed"):
+        cfg = Config(
+            **{**TINY, "attack": "a3fl"}, attack_opts=(*opts, ("a3fl", "weight_rule", rule))
+        )
+        lams[rule] = float(run(cfg, blobs).state.hooks[0][1])
+    assert lams["fixed"] == 3.0
+    assert 0.0 < lams["similarity"] < 2.99
 
 
 # ----------------------------------------------------------------------------------- IBA

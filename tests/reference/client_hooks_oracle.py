@@ -83,6 +83,84 @@ def a3fl_linear_trigger(
     return p, smallest
 
 
+def kernel_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """A3FL's sim(θ', θ): the mean over the kernels (arrays of >= 2 dimensions) of
+    cos(θ'_l, θ_l) = ⟨θ'_l, θ_l⟩ / (‖θ'_l‖‖θ_l‖), float64; 1-D arrays are skipped."""
+    cos = []
+    for u, v in zip(a, b, strict=True):
+        if np.ndim(u) < 2:
+            continue
+        u, v = np.asarray(u, np.float64).ravel(), np.asarray(v, np.float64).ravel()
+        cos.append(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+    return float(np.mean(cos))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def a3fl_linear_adaptive_trigger(
+    x: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray,
+    pattern: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray,
+    target: int,
+    alpha: float,
+    steps: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    adv_steps: int,
+    adv_lr: float,
+    lam0: float,
+    every: int,
+    rule: str,
+) -> tuple[np.ndarray, float, list[float]]:
+    """A3FL's full trigger search against a linear softmax model, float64.
+
+    Before each block of `every` trigger steps: θ' = (W', b') from (W, b) by `adv_steps`
+    gradient steps on CE(x ⊕ δ, y) (true labels; ∇_W = X'ᵀ(softmax − e_y)/B,
+    ∇_b = mean(softmax − e_y)), and λ = λ₀·cos(W', W) (the only kernel; "fixed": λ₀). Then
+    δ ← clip(δ − α·sign(∇_δ[CE(θ) + λ·CE(θ')]), lo, hi) on M, with ∇_{x'} of a CE toward t
+    equal to (softmax − e_t) Wᵀ / B per sample.
+
+    Returns (δ, the smallest |∇| entry on M seen, the λ of each block).
+    """
+    x = np.asarray(x, np.float64)
+    W, b = np.asarray(W, np.float64), np.asarray(b, np.float64)
+    p = np.asarray(pattern, np.float64).copy()
+    B = x.shape[0]
+
+    def flat(q: np.ndarray) -> np.ndarray:
+        return np.where(mask[None], q[None], x).reshape(B, -1)
+
+    smallest, lams = np.inf, []
+    done = 0
+    while done < steps:
+        Wa, ba = W.copy(), b.copy()
+        xs = flat(p)
+        for _ in range(adv_steps):
+            r = _softmax(xs @ Wa + ba)
+            r[np.arange(B), y] -= 1.0
+            Wa, ba = Wa - adv_lr * xs.T @ r / B, ba - adv_lr * r.mean(0)
+        lam = lam0 * kernel_cosine([Wa], [W]) if rule == "similarity" else lam0
+        lams.append(lam)
+        for _ in range(min(every, steps - done)):
+            xs = flat(p)
+            gx = np.zeros_like(xs)
+            for Wm, bm, weight in ((W, b, 1.0), (Wa, ba, lam)):
+                r = _softmax(xs @ Wm + bm)
+                r[:, target] -= 1.0
+                gx += weight * r @ Wm.T / B
+            g = np.where(mask, gx.reshape(x.shape).sum(0), 0.0)
+            smallest = min(smallest, float(np.min(np.abs(g[mask]))))
+            p = np.where(mask, np.clip(p - alpha * np.sign(g), lo, hi), p)
+            done += 1
+    return p, smallest, lams
+
+
 def conv3x3_same(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """'SAME' 3x3 cross-correlation (NHWC, HWIO) by summing the 9 shifted products."""
     x = np.asarray(x, np.float64)
