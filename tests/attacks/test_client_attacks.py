@@ -115,10 +115,11 @@ def test_neurotoxin_and_alter_min_run_change_numbers_and_track_the_global_update
 
 
 # ---------------------------------------------------------------------------------- A3FL
-def _linear_env(seed=0):
-    """A linear softmax 'model' on 32x32x3 inputs, for the trigger-search oracles."""
+def _linear_env(seed=0, shape=(32, 32, 3)):
+    """A linear softmax 'model' on `shape` inputs, for the trigger-search oracles."""
     rng = np.random.RandomState(seed)
-    w = jnp.asarray(rng.randn(32 * 32 * 3, 10).astype(np.float32) * 0.05)
+    d = int(np.prod(shape))
+    w = jnp.asarray(rng.randn(d, 10).astype(np.float32) * 0.05)
     b = jnp.asarray(rng.randn(10).astype(np.float32) * 0.1)
     variables = {"params": {"b": b, "w": w}}
     flat = Flattener.build(variables)
@@ -126,10 +127,9 @@ def _linear_env(seed=0):
     def logits(v, x):
         return x.reshape(x.shape[0], -1) @ v["params"]["w"] + v["params"]["b"]
 
-    env = AttackEnv(
-        (32, 32, 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), num_classes=10, model=ModelOps(flat, logits)
-    )
-    x = jnp.asarray(rng.randn(16, 32, 32, 3).astype(np.float32))
+    mean, std = ((0.5, 0.4, 0.3), (0.25, 0.2, 0.3)) if shape[-1] == 3 else ((0.13,), (0.31,))
+    env = AttackEnv(shape, mean, std, num_classes=10, model=ModelOps(flat, logits))
+    x = jnp.asarray(rng.randn(16, *shape).astype(np.float32))
     y = jnp.asarray(rng.randint(0, 10, 16).astype(np.int32))
     return env, flat.ravel(variables), variables, x, y
 
@@ -321,9 +321,9 @@ def test_a3fl_weight_rule_option_reaches_the_run(blobs):
 
 
 # ----------------------------------------------------------------------------------- IBA
-def test_iba_trigger_matches_oracle_and_is_bounded():
+def test_iba_conv_trigger_matches_oracle_and_is_bounded():
     env, _, _, x, y = _linear_env(2)
-    attack = get_attack("iba", env, eps=0.1, hidden=4)
+    attack = get_attack("iba", env, eps=0.1, generator="conv", width=4)
     gen = attack.hook.init(None)
     flags = jnp.arange(16) % 2 == 0
     xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
@@ -338,20 +338,73 @@ def test_iba_trigger_matches_oracle_and_is_bounded():
     assert np.all(np.abs((xo - x_np) * np.array(env.std)) <= 0.1 + 1e-6)
 
 
-def test_iba_generator_step_lowers_the_target_loss():
-    env, g, variables, x, y = _linear_env(3)
-    attack = get_attack("iba", env, gen_steps=3, gen_lr=0.5)
+@pytest.mark.parametrize(
+    "shape, depth",
+    [((28, 28, 1), 3), ((32, 32, 3), 1)],  # 28 → 14 → 7 → 3: odd sizes floor, resize back
+)
+def test_iba_unet_matches_oracle_and_is_bounded(shape, depth):
+    """The U-Net generator's trigger against the float64 oracle, for 1- and 3-channel
+    images: same shape as the input, ‖T‖∞ ≤ ε in pixels, only flagged samples touched."""
+    env, _, _, x, y = _linear_env(2, shape)
+    eps = 0.1
+    attack = get_attack("iba", env, eps=eps, width=4, depth=depth)
+    gen = attack.hook.init(None)
+    widths = {k: v["kernel"].shape[-1] for k, v in gen.items()}
+    assert widths["bottleneck_0"] == 4 * 2**depth and widths["out"] == shape[-1]
+    # The up blocks read [up-sampled, skip]: width·2^(i+1) + width·2^i input channels.
+    assert gen["up0_0"]["kernel"].shape[2] == 4 * 2 + 4
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
+    assert xo.shape == x.shape
+    xo, x_np = np.asarray(xo, np.float64), np.asarray(x, np.float64)
+    std = np.array(env.std)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), gen)
+    want = eps * np.tanh(oracle.unet_generator(params, x_np, depth)) / std
+    # float32 convolutions through 6-8 layers of O(0.1) activations: ~1e-7 relative, 2e-7
+    # absolute after ε·tanh/std; the trigger itself varies by ~1e-3 across pixels.
+    np.testing.assert_allclose(xo[::2] - x_np[::2], want[::2], rtol=0, atol=2e-7 / min(std))
+    assert np.std(want[::2]) > 2e-4  # a trigger that varies, not a constant
+    np.testing.assert_array_equal(xo[1::2], x_np[1::2])
+    assert np.all(np.asarray(yo)[::2] == 2)
+    np.testing.assert_array_equal(np.asarray(yo)[1::2], np.asarray(y)[1::2])
+    assert np.all(np.abs((xo - x_np) * std) <= eps * (1 + 1e-6))
+    xt, yt = jax.jit(attack.test)(x, y, gen)
+    assert np.all(np.abs((np.asarray(xt, np.float64) - x_np) * std) <= eps * (1 + 1e-6))
+    assert np.all(np.asarray(yt) == 2)
+
+
+def test_iba_bad_generator_options_are_rejected():
+    env, *_ = _linear_env(0, (28, 28, 1))
+    with pytest.raises(ValueError, match="generator='gan'"):
+        get_attack("iba", env, generator="gan")
+    with pytest.raises(ValueError, match="depth=5"):
+        get_attack("iba", env, depth=5)  # 28 / 2^5 < 1
+    with pytest.raises(ValueError, match="width=0"):
+        get_attack("iba", env, width=0)
+
+
+@pytest.mark.parametrize("generator", ["unet", "conv"])
+def test_iba_generator_step_lowers_the_target_loss(generator, blobs):
+    """A few generator steps against a fixed model lower the backdoor (target-label) loss, on
+    blobs' 28x28x1 images and a linear model."""
+    env, g, variables, _, y = _linear_env(3, (28, 28, 1))
+    pixels = blobs.x_train[:32].astype(np.float32) / 255.0
+    x = jnp.asarray((pixels - env.mean[0]) / env.std[0])
+    y = jnp.asarray(blobs.y_train[:32].astype(np.int32))
+    opts = dict(generator=generator, gen_steps=3, gen_lr=0.5, width=4, depth=1)
+    attack = get_attack("iba", env, **opts)
     hook = attack.hook
     gen0 = hook.init(g)
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
     gen1 = jax.jit(hook.server)(gen0, ctx)
 
+    @jax.jit
     def target_loss(gen):
         xt, _ = attack.test(x, y, gen)
         logits = env.model.logits(variables, xt)
-        return float(-jnp.mean(jax.nn.log_softmax(logits)[:, 2]))
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, 2])
 
-    assert target_loss(gen1) < target_loss(gen0)
+    assert float(target_loss(gen1)) < float(target_loss(gen0))
     off = jax.jit(hook.server)(gen0, ctx._replace(attack_on=jnp.asarray(False)))
     for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(gen0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -359,10 +412,12 @@ def test_iba_generator_step_lowers_the_target_loss():
 
 def test_iba_run_trains_the_generator(blobs):
     cfg = Config(
-        **{**TINY, "attack": "iba"}, attack_opts=(("iba", "gen_steps", "2"), ("iba", "hidden", "4"))
+        **{**TINY, "attack": "iba"},
+        attack_opts=(("iba", "gen_steps", "2"), ("iba", "width", "2"), ("iba", "depth", "1")),
     )
     res = run(cfg, blobs)
     gen0 = res.sim.data_attack.hook.init(None)
+    assert "bottleneck_0" in gen0  # the default generator is the U-Net
     moved = [
         not np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(jax.tree.leaves(res.state.hooks[0]), jax.tree.leaves(gen0), strict=True)

@@ -174,9 +174,60 @@ def conv3x3_same(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def iba_trigger(params: dict, x: np.ndarray, eps: float, std: np.ndarray) -> np.ndarray:
-    """IBA (Nguyen et al. 2023): T(x) = ε·tanh(conv(ReLU(conv(x))))/std, float64."""
+    """IBA (Nguyen et al. 2023) with the small conv generator:
+    T(x) = ε·tanh(conv(ReLU(conv(x))))/std, float64."""
     h = np.maximum(conv3x3_same(x, params["w1"], params["b1"]), 0.0)
     return eps * np.tanh(conv3x3_same(h, params["w2"], params["b2"])) / np.asarray(std)
+
+
+def max_pool2(x: np.ndarray) -> np.ndarray:
+    """2x2 max pooling, stride 2, floor (odd trailing rows/columns dropped), NHWC."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def bilinear_resize(x: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    """Bilinear up-sampling with half-pixel centres, NHWC: output index o samples the input
+    at s = (o + ½)·in/out − ½, clamped to [0, in − 1], between floor(s) and floor(s) + 1."""
+
+    def axis_weights(n_in: int, n_out: int) -> np.ndarray:
+        m = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            src = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
+            i0 = int(np.floor(src))
+            i1 = min(i0 + 1, n_in - 1)
+            m[o, i0] += 1.0 - (src - i0)
+            m[o, i1] += src - i0
+        return m
+
+    mh, mw = axis_weights(x.shape[1], oh), axis_weights(x.shape[2], ow)
+    return np.einsum("ph,nhwc,qw->npqc", mh, np.asarray(x, np.float64), mw)
+
+
+def unet_generator(params: dict, x: np.ndarray, depth: int) -> np.ndarray:
+    """IBA's U-Net autoencoder G(x) (before the tanh), float64: `depth` blocks of double
+    conv3x3+ReLU then 2x2 max pooling, a double-conv bottleneck, `depth` blocks of bilinear
+    up-sampling to the skip's size, concatenation [up, skip] and a double conv, then a 1x1
+    conv. `params[name_j]` = {"kernel": HWIO, "bias"} for the j-th conv of block `name`."""
+
+    def double_conv(h: np.ndarray, name: str) -> np.ndarray:
+        for j in range(2):
+            p = params[f"{name}_{j}"]
+            h = np.maximum(conv3x3_same(h, p["kernel"], p["bias"]), 0.0)
+        return h
+
+    h, skips = np.asarray(x, np.float64), []
+    for i in range(depth):
+        h = double_conv(h, f"down{i}")
+        skips.append(h)
+        h = max_pool2(h)
+    h = double_conv(h, "bottleneck")
+    for i in reversed(range(depth)):
+        skip = skips[i]
+        h = bilinear_resize(h, skip.shape[1], skip.shape[2])
+        h = double_conv(np.concatenate([h, skip], axis=-1), f"up{i}")
+    return h @ np.asarray(params["out"]["kernel"][0, 0], np.float64) + params["out"]["bias"]
 
 
 def alter_min_rows(
