@@ -1,4 +1,4 @@
-"""`a3fl`: an adversarially adaptive trigger (Zhang, Jia, Li, Gong, Chen, "A3FL:
+"""`a3fl`: an adversarially adaptive trigger (Zhang, Jia, Chen, Lin, Wu, "A3FL:
 Adversarially Adaptive Backdoor Attacks to Federated Learning", NeurIPS 2023).
 
 The trigger is a patch δ under a static mask M (a `size` x `size` square, every channel);
@@ -12,17 +12,17 @@ benign clients' training does to a backdoor):
     δ  ← clip(δ − α·sign(∇_δ [CE(f_θg(x ⊕ δ), t) + λ·CE(f_θ'(x ⊕ δ), t)]), lo, hi)
 
 on the attackers' data (`ServerContext.attacker_x/y`), with [lo, hi] the normalised image
-range (pixel values 0..1). The paper's balancing coefficient λ = λ₀·sim(θ', θ_g) weighs
-the adversarial model by how close it stays to the global model (an unlearning that moved
-far from θ_g is less likely to be where the global model goes). sim is the cosine
-similarity, taken as the authors' code does it: per weight tensor, then averaged (here
-over every kernel, i.e. every parameter with >= 2 dimensions, so that dense-only models
-have one too; the code averages conv kernels only). The `steps` trigger steps run in
-blocks of `adv_every`: before each block θ' is crafted afresh from θ_g with the current δ
-and its λ recomputed (0: one block, one adversarial model). `weight_rule="fixed"` keeps
-λ = λ₀ (an ablation). The state is (δ (H, W, C), the last λ used): δ starts as a white
-patch (BadNets), λ at 0 (no adversarial model yet); the backdoor test set stamps the
-current δ.
+range (pixel values 0..1). λ = λ₀·sim(θ', θ_g) is the paper's balancing coefficient, with
+sim the cosine similarity of the two models' parameters, taken per weight tensor and
+averaged over every kernel (parameter with >= 2 dimensions, so dense-only models have one
+too). The authors' code averages over conv layers only and takes the cosine of the two
+models' last gradients instead; the paper's formula names the models, as here.
+
+The `steps` trigger steps run in blocks of `adv_every`: before each block θ' is crafted
+afresh from θ_g with the current δ and its λ recomputed (0: one block, one adversarial
+model). `weight_rule="fixed"` keeps λ = λ₀ (an ablation). The state is (δ (H, W, C), the
+last λ used): δ starts as a white patch (BadNets), λ at 0 (no adversarial model yet); the
+backdoor test set stamps the current δ.
 """
 
 from __future__ import annotations

@@ -14,14 +14,16 @@ steps on ξ against the current global model θ_g on their data (`ServerContext.
 
 so the trigger follows the model, then train their local models on x' as usual.
 
-G (`generator="unet"`, the paper's): a U-Net autoencoder (Ronneberger et al. 2015, the
-trigger generator IBA takes over from LIRA, Doan et al. ICCV 2021). `depth` down-sampling
-blocks — a double conv (conv3x3 → ReLU → conv3x3 → ReLU) of width `width`·2^i, then 2x2
-max pooling (floor) — a double-conv bottleneck of width `width`·2^depth, then `depth`
-up-sampling blocks — bilinear up-sampling to the matching down block's size, concatenation
-with that block's output (the skip connection) and a double conv of width `width`·2^i —
-and a 1x1 conv back to the image channels, whose output tanh bounds. The authors' network
-is this with width 64 and depth 3; the defaults here (8, 2) keep the CPU cost low.
+G (`generator="unet"`, the paper's): a U-Net autoencoder (Ronneberger et al. 2015; the
+trigger generator of LIRA, Doan et al. ICCV 2021, which IBA builds on). `depth`
+down-sampling blocks — a double conv (conv3x3 → ReLU → conv3x3 → ReLU) of width `width`·2^i,
+then 2x2 max pooling (floor) — a double-conv bottleneck of width `width`·2^depth, then
+`depth` up-sampling blocks — bilinear up-sampling to the matching down block's size,
+concatenation with that block's output (the skip connection) and a double conv of width
+`width`·2^i — and a 1x1 conv back to the image channels, whose output the tanh bounds. A
+full-size U-Net of this form has width 64 and depth 3; the defaults (8, 2) keep the CPU
+cost low. Parameters start from PyTorch's default initialisation (the authors' code is
+PyTorch).
 `generator="conv"`: the smaller conv3x3(C→width) → ReLU → conv3x3(width→C) of earlier
 versions. The paper's further model-side steps (PGD on the update, training only
 low-importance neurons) compose here as `+pgd` / `+neurotoxin`. State: ξ, seeded by
