@@ -141,6 +141,12 @@ def a3fl(
     if env.model is None:
         raise ValueError("a3fl needs AttackEnv.model (client.ModelOps), set by the engine")
     ops = env.model
+    kernels = [leaf for leaf in ops.flat.layout if leaf.is_param and len(leaf.shape) >= 2]
+    if weight_rule == "similarity" and adv_steps > 0 and not kernels:
+        raise ValueError(
+            "a3fl weight_rule='similarity' needs a model with a kernel (>= 2-D parameter); "
+            f"accepted for this model: {('fixed',)} or adv_steps=0"
+        )
     mask = square_mask(env.image_shape, size, square_origin(position, size, env.image_shape))
     lo = env.to_normalized(0.0)  # (C,) the image range in normalised units
     hi = env.to_normalized(1.0)

@@ -272,6 +272,18 @@ def test_a3fl_weight_rule_reaches_the_search():
         get_attack("a3fl", env, weight_rule="cosine")
     with pytest.raises(ValueError, match="adv_every"):
         get_attack("a3fl", env, adv_every=-1)
+    # A model without a kernel has no similarity to weigh by: refused before any compute.
+    variables = {"params": {"b": jnp.zeros(10)}}
+    no_kernel = AttackEnv(
+        env.image_shape,
+        env.mean,
+        env.std,
+        num_classes=10,
+        model=ModelOps(Flattener.build(variables), lambda v, x: v["params"]["b"][None]),
+    )
+    with pytest.raises(ValueError, match="needs a model with a kernel"):
+        get_attack("a3fl", no_kernel)
+    get_attack("a3fl", no_kernel, weight_rule="fixed")
 
 
 def test_a3fl_stamps_only_flagged_samples_with_the_state():
