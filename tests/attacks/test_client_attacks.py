@@ -134,31 +134,35 @@ def _linear_env(seed=0, shape=(32, 32, 3)):
     return env, flat.ravel(variables), variables, x, y
 
 
-def test_a3fl_trigger_search_matches_oracle():
-    env, g, variables, x, y = _linear_env()
-    attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
-    hook = attack.hook
+def _search_4x4(hook, env, g, x, y):
+    """One jitted trigger search from the hook's initial state: (state0, ctx, δ, λ, the 4x4
+    top-left mask, and the normalised pixel range lo, hi)."""
     s0 = hook.init(g)
-    p0 = s0[0]
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
     got, lam = jax.jit(hook.server)(s0, ctx)
-    got = np.asarray(got)
     mask = np.zeros((32, 32, 3), bool)
     mask[:4, :4] = True
     lo = (0 - np.array(env.mean)) / np.array(env.std)
     hi = (1 - np.array(env.mean)) / np.array(env.std)
-    want, smallest = oracle.a3fl_linear_trigger(
-        np.asarray(x),
-        mask,
-        np.asarray(p0),
-        np.asarray(variables["params"]["w"], np.float64),
-        np.asarray(variables["params"]["b"], np.float64),
-        2,
-        0.1,
-        4,
-        lo,
-        hi,
-    )
+    return s0, ctx, np.asarray(got), lam, mask, lo, hi
+
+
+def _oracle_search(x, y, p0, variables, mask, lo, hi, steps, **adv):
+    """The float64 oracle's search toward label 2 with α = 0.1 (no adversarial model unless
+    `adv` gives adv_steps, adv_lr, lam0, every, rule)."""
+    adv = {"adv_steps": 0, "adv_lr": 0.0, "lam0": 0.0, "every": steps, "rule": "fixed", **adv}
+    w, b = (np.asarray(variables["params"][k], np.float64) for k in ("w", "b"))
+    args = (np.asarray(x), np.asarray(y), mask, np.asarray(p0), w, b, 2, 0.1, steps, lo, hi)
+    return oracle.a3fl_linear_adaptive_trigger(*args, **adv)
+
+
+def test_a3fl_trigger_search_matches_oracle():
+    env, g, variables, x, y = _linear_env()
+    attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
+    hook = attack.hook
+    s0, ctx, got, lam, mask, lo, hi = _search_4x4(hook, env, g, x, y)
+    p0 = s0[0]
+    want, smallest, _ = _oracle_search(x, y, s0[0], variables, mask, lo, hi, steps=4)
     assert smallest > 1e-6  # every sign well defined in float32
     # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -220,33 +224,10 @@ def test_a3fl_adaptive_search_matches_oracle(rule):
     env, g, variables, x, y = _linear_env(5)
     kw = dict(steps=4, alpha=0.1, adv_steps=2, adv_lr=0.5, adv_weight=3.0, adv_every=2)
     hook = get_attack("a3fl", env, size=4, weight_rule=rule, **kw).hook
-    s0 = hook.init(g)
+    s0, _, got, lam, mask, lo, hi = _search_4x4(hook, env, g, x, y)
     p0 = s0[0]
-    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
-    got, lam = jax.jit(hook.server)(s0, ctx)
-    got = np.asarray(got)
-    mask = np.zeros((32, 32, 3), bool)
-    mask[:4, :4] = True
-    lo = (0 - np.array(env.mean)) / np.array(env.std)
-    hi = (1 - np.array(env.mean)) / np.array(env.std)
-    want, smallest, lams = oracle.a3fl_linear_adaptive_trigger(
-        np.asarray(x),
-        np.asarray(y),
-        mask,
-        np.asarray(p0),
-        np.asarray(variables["params"]["w"], np.float64),
-        np.asarray(variables["params"]["b"], np.float64),
-        2,
-        0.1,
-        4,
-        lo,
-        hi,
-        2,
-        0.5,
-        3.0,
-        2,
-        rule,
-    )
+    adv = dict(adv_steps=2, adv_lr=0.5, lam0=3.0, every=2, rule=rule)
+    want, smallest, lams = _oracle_search(x, y, p0, variables, mask, lo, hi, steps=4, **adv)
     assert smallest > 1e-3  # every sign well defined in float32
     assert len(lams) == 2
     # The state keeps the last block's λ (float32 cosines: 1e-5 relative).

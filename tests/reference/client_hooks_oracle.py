@@ -48,41 +48,6 @@ def spmc_invert(gd: np.ndarray, gg: np.ndarray, lam: float) -> np.ndarray:
     return gd
 
 
-def a3fl_linear_trigger(
-    x: np.ndarray,
-    mask: np.ndarray,
-    pattern: np.ndarray,
-    W: np.ndarray,
-    b: np.ndarray,
-    target: int,
-    alpha: float,
-    steps: int,
-    lo: np.ndarray,
-    hi: np.ndarray,
-) -> tuple[np.ndarray, float]:
-    """A3FL's trigger search (no adversarial model) against a linear softmax model
-    logits = flatten(x') @ W + b, x' = (1 − M)x + Mδ, in float64: δ ← clip(δ − α·sign(∇_δ
-    CE(x', target)), lo, hi) on M, with ∇_{x'_b} CE = W (softmax_b − e_t) / B.
-
-    Returns (δ, the smallest |∇| entry on M seen, to check that signs are well defined).
-    """
-    x = np.asarray(x, np.float64)
-    p = np.asarray(pattern, np.float64).copy()
-    B = x.shape[0]
-    smallest = np.inf
-    for _ in range(steps):
-        xs = np.where(mask[None], p[None], x)
-        logits = xs.reshape(B, -1) @ W + b
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        prob = e / e.sum(1, keepdims=True)
-        prob[:, target] -= 1.0
-        gx = (prob @ W.T / B).reshape(x.shape)
-        g = np.where(mask, gx.sum(0), 0.0)
-        smallest = min(smallest, float(np.min(np.abs(g[mask]))))
-        p = np.where(mask, np.clip(p - alpha * np.sign(g), lo, hi), p)
-    return p, smallest
-
-
 def kernel_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """A3FL's sim(θ', θ): the mean over the kernels (arrays of >= 2 dimensions) of
     cos(θ'_l, θ_l) = ⟨θ'_l, θ_l⟩ / (‖θ'_l‖‖θ_l‖), float64; 1-D arrays are skipped."""
