@@ -242,7 +242,7 @@ def test_hook_state_checkpoints_and_resumes(blobs, tmp_path):
         state, _ = ck.restore(sim.init_state())
     resumed = run(cfg, blobs, sim=sim, state=state, start_round=2, history=straight.history[:2])
     np.testing.assert_array_equal(
-        np.asarray(resumed.state.hooks[0]), np.asarray(straight.state.hooks[0])
+        np.asarray(resumed.state.hooks[0][0]), np.asarray(straight.state.hooks[0][0])
     )
     np.testing.assert_array_equal(
         np.asarray(resumed.state.global_flat), np.asarray(straight.state.global_flat)
@@ -250,7 +250,9 @@ def test_hook_state_checkpoints_and_resumes(blobs, tmp_path):
     assert resumed.history[-1]["R"] == straight.history[-1]["R"]
     broken = state._replace(hooks=sim.init_state().hooks)
     bad = run(cfg, blobs, sim=sim, state=broken, start_round=2)
-    assert not np.array_equal(np.asarray(bad.state.hooks[0]), np.asarray(straight.state.hooks[0]))
+    assert not np.array_equal(
+        np.asarray(bad.state.hooks[0][0]), np.asarray(straight.state.hooks[0][0])
+    )
 
 
 def test_cli_flags_reach_the_config_and_the_hooks(blobs):

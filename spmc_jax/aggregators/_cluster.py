@@ -16,6 +16,9 @@ jitted round. They are tested against scikit-learn (`sklearn.cluster.HDBSCAN`,
 * `kmeans`: Lloyd's algorithm from given initial centres (labels to convergence);
   `farthest_point_init` gives deterministic initial centres. `two_means_1d`: the exact
   optimal 2-means split of each column (a sorted-prefix scan), for per-feature clustering.
+* `mean_of_kept_rule`: the stateless rule shared by the filtering defenses (Auror,
+  Multi-Metrics, RFLBAT): a decision on the masked updates, then g + the uniform mean of
+  the kept clients' updates.
 * `pca`: principal components via the SVD of the centred data, with scikit-learn's sign
   convention (the largest-magnitude entry of each component is positive).
 
@@ -25,8 +28,13 @@ Rows with `valid == False` take no part: they are never neighbours, never cluste
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from spmc_jax.aggregators.base import AggInfo, Aggregator, RoundContext
 
 NOISE = -1
 _LAMBDA_CAP = 1e30  # λ = 1/d for d = 0 (duplicate points): a finite stand-in for +inf
@@ -382,3 +390,30 @@ def pca(
     proj = jnp.matmul(x - mean, vt.T, precision=jax.lax.Precision.HIGHEST)
     var = s[:n_components] ** 2 / jnp.maximum(n_valid - 1, 1)
     return proj, var
+
+
+def mean_of_kept_rule(
+    param_mask: np.ndarray, kept_of: Callable[[jax.Array, RoundContext], jax.Array]
+) -> Aggregator:
+    """A stateless filtering rule: g' = g + (1/L)·Σ_{i kept} Δ_i, Δ_i = w_i − g.
+
+    `kept_of(masked_deltas, ctx) -> (n,) bool` decides on the updates with the
+    non-trainable coordinates (BatchNorm statistics, `param_mask == False`) zeroed; the mean
+    then covers every coordinate. client_weights = 1/L on the L kept clients (all 0 when
+    none is kept, and g' = g).
+    """
+    mask = jnp.asarray(np.asarray(param_mask, bool))
+
+    def init(global_flat: jax.Array) -> tuple[()]:
+        return ()
+
+    def aggregate(
+        client_flat: jax.Array, state: tuple[()], ctx: RoundContext
+    ) -> tuple[jax.Array, tuple[()], AggInfo]:
+        deltas = client_flat - ctx.global_flat[None, :]
+        kept = kept_of(jnp.where(mask[None, :], deltas, 0.0), ctx)
+        w = kept.astype(jnp.float32) / jnp.maximum(jnp.sum(kept), 1)
+        new_global = ctx.global_flat + jnp.matmul(w, deltas, precision=jax.lax.Precision.HIGHEST)
+        return new_global, state, AggInfo(client_weights=w)
+
+    return Aggregator(init, aggregate)

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spmc_jax.aggregators import register
-from spmc_jax.aggregators._cluster import farthest_point_init, kmeans, two_means_1d
-from spmc_jax.aggregators.base import AggInfo, Aggregator, AggregatorEnv, AggregatorSpec
+from spmc_jax.aggregators._cluster import (
+    farthest_point_init,
+    kmeans,
+    mean_of_kept_rule,
+    two_means_1d,
+)
+from spmc_jax.aggregators.base import Aggregator, AggregatorEnv, AggregatorSpec
 
 
 def auror_kept(deltas: jax.Array, valid: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
@@ -57,19 +61,9 @@ def auror(env: AggregatorEnv, *, alpha: float = 0.02) -> Aggregator:
     """
     if not alpha > 0:
         raise ValueError(f"auror: alpha={alpha}; accepted: > 0")
-    mask = jnp.asarray(np.asarray(env.param_mask, bool))
-
-    def init(global_flat):
-        return ()
-
-    def aggregate(client_flat, state, ctx):
-        deltas = client_flat - ctx.global_flat[None, :]
-        kept, _ = auror_kept(jnp.where(mask[None, :], deltas, 0.0), ctx.valid, alpha)
-        w = kept.astype(jnp.float32) / jnp.maximum(jnp.sum(kept), 1)
-        new_global = ctx.global_flat + jnp.matmul(w, deltas, precision=jax.lax.Precision.HIGHEST)
-        return new_global, state, AggInfo(client_weights=w)
-
-    return Aggregator(init, aggregate)
+    return mean_of_kept_rule(
+        env.param_mask, lambda deltas, ctx: auror_kept(deltas, ctx.valid, alpha)[0]
+    )
 
 
 register(

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spmc_jax.aggregators import register
-from spmc_jax.aggregators._cluster import cosine_distances
-from spmc_jax.aggregators.base import AggInfo, Aggregator, AggregatorEnv, AggregatorSpec
+from spmc_jax.aggregators._cluster import cosine_distances, mean_of_kept_rule
+from spmc_jax.aggregators.base import Aggregator, AggregatorEnv, AggregatorSpec, RoundContext
 
 
 def multi_metrics_features(
@@ -85,19 +84,13 @@ def multi_metrics(
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"multi_metrics: p={p}; accepted: 0 < p <= 1")
-    mask = jnp.asarray(np.asarray(env.param_mask, bool))
 
-    def init(global_flat):
-        return ()
-
-    def aggregate(client_flat, state, ctx):
+    def kept_of(deltas: jax.Array, ctx: RoundContext) -> jax.Array:
         valid = ctx.valid
-        n = client_flat.shape[0]
-        deltas = client_flat - ctx.global_flat[None, :]
-        feats = multi_metrics_features(
-            jnp.where(mask[None, :], deltas, 0.0), valid, reference_metrics
+        n = deltas.shape[0]
+        scores = multi_metrics_scores(
+            multi_metrics_features(deltas, valid, reference_metrics), valid
         )
-        scores = multi_metrics_scores(feats, valid)
         n_valid = jnp.sum(valid)
         k = jnp.maximum(jnp.floor(p * n_valid + 1e-9).astype(jnp.int32), 1)
         # Rank by score, ties by row index (stable); keep the k best valid rows.
@@ -106,12 +99,9 @@ def multi_metrics(
             .at[jnp.argsort(scores, stable=True)]
             .set(jnp.arange(n, dtype=jnp.int32))
         )
-        kept = (rank < k) & valid
-        w = kept.astype(jnp.float32) / jnp.maximum(jnp.sum(kept), 1)
-        new_global = ctx.global_flat + jnp.matmul(w, deltas, precision=jax.lax.Precision.HIGHEST)
-        return new_global, state, AggInfo(client_weights=w)
+        return (rank < k) & valid
 
-    return Aggregator(init, aggregate)
+    return mean_of_kept_rule(env.param_mask, kept_of)
 
 
 register(

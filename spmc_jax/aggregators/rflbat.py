@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spmc_jax.aggregators import register
-from spmc_jax.aggregators._cluster import farthest_point_init, kmeans, pca
-from spmc_jax.aggregators.base import AggInfo, Aggregator, AggregatorEnv, AggregatorSpec
+from spmc_jax.aggregators._cluster import farthest_point_init, kmeans, mean_of_kept_rule, pca
+from spmc_jax.aggregators.base import Aggregator, AggregatorEnv, AggregatorSpec, RoundContext
 
 
 def _dists(x: jax.Array) -> jax.Array:
@@ -149,29 +148,13 @@ def rflbat(
         raise ValueError(f"rflbat: k_max={k_max}; accepted: >= 1")
     if n_reference_sets < 2:
         raise ValueError(f"rflbat: n_reference_sets={n_reference_sets}; accepted: >= 2")
-    mask = jnp.asarray(np.asarray(env.param_mask, bool))
     k_cap = max(1, min(k_max, env.n_clients))
 
-    def init(global_flat):
-        return ()
+    def kept_of(deltas: jax.Array, ctx: RoundContext) -> jax.Array:
+        kept = rflbat_kept(deltas, ctx.valid, ctx.key, eps1, eps2, k_cap, n_reference_sets)
+        return jnp.where(jnp.any(kept), kept, ctx.valid)
 
-    def aggregate(client_flat, state, ctx):
-        deltas = client_flat - ctx.global_flat[None, :]
-        kept = rflbat_kept(
-            jnp.where(mask[None, :], deltas, 0.0),
-            ctx.valid,
-            ctx.key,
-            eps1,
-            eps2,
-            k_cap,
-            n_reference_sets,
-        )
-        kept = jnp.where(jnp.any(kept), kept, ctx.valid)
-        w = kept.astype(jnp.float32) / jnp.maximum(jnp.sum(kept), 1)
-        new_global = ctx.global_flat + jnp.matmul(w, deltas, precision=jax.lax.Precision.HIGHEST)
-        return new_global, state, AggInfo(client_weights=w)
-
-    return Aggregator(init, aggregate)
+    return mean_of_kept_rule(env.param_mask, kept_of)
 
 
 register(

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from spmc_jax.attacks import REGISTRY, AttackEnv, get_attack, parse_attack, parse_client_attacks
+from spmc_jax.attacks import a3fl as a3fl_mod
 from spmc_jax.attacks.neurotoxin import keep_mask
 from spmc_jax.client import ClientHook, GradContext, ModelOps, ServerContext
 from spmc_jax.config import Config
@@ -116,10 +117,11 @@ def test_neurotoxin_and_alter_min_run_change_numbers_and_track_the_global_update
 
 
 # ---------------------------------------------------------------------------------- A3FL
-def _linear_env(seed=0):
-    """A linear softmax 'model' on 32x32x3 inputs, for the trigger-search oracles."""
+def _linear_env(seed=0, shape=(32, 32, 3)):
+    """A linear softmax 'model' on `shape` inputs, for the trigger-search oracles."""
     rng = np.random.RandomState(seed)
-    w = jnp.asarray(rng.randn(32 * 32 * 3, 10).astype(np.float32) * 0.05)
+    d = int(np.prod(shape))
+    w = jnp.asarray(rng.randn(d, 10).astype(np.float32) * 0.05)
     b = jnp.asarray(rng.randn(10).astype(np.float32) * 0.1)
     variables = {"params": {"b": b, "w": w}}
     flat = Flattener.build(variables)
@@ -127,45 +129,51 @@ def _linear_env(seed=0):
     def logits(v, x):
         return x.reshape(x.shape[0], -1) @ v["params"]["w"] + v["params"]["b"]
 
-    env = AttackEnv(
-        (32, 32, 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), num_classes=10, model=ModelOps(flat, logits)
-    )
-    x = jnp.asarray(rng.randn(16, 32, 32, 3).astype(np.float32))
+    mean, std = ((0.5, 0.4, 0.3), (0.25, 0.2, 0.3)) if shape[-1] == 3 else ((0.13,), (0.31,))
+    env = AttackEnv(shape, mean, std, num_classes=10, model=ModelOps(flat, logits))
+    x = jnp.asarray(rng.randn(16, *shape).astype(np.float32))
     y = jnp.asarray(rng.randint(0, 10, 16).astype(np.int32))
     return env, flat.ravel(variables), variables, x, y
+
+
+def _search_4x4(hook, env, g, x, y):
+    """One jitted trigger search from the hook's initial state: (state0, ctx, δ, λ, the 4x4
+    top-left mask, and the normalised pixel range lo, hi)."""
+    s0 = hook.init(g)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    got, lam = jax.jit(hook.server)(s0, ctx)
+    mask = np.zeros((32, 32, 3), bool)
+    mask[:4, :4] = True
+    lo = (0 - np.array(env.mean)) / np.array(env.std)
+    hi = (1 - np.array(env.mean)) / np.array(env.std)
+    return s0, ctx, np.asarray(got), lam, mask, lo, hi
+
+
+def _oracle_search(x, y, p0, variables, mask, lo, hi, steps, **adv):
+    """The float64 oracle's search toward label 2 with α = 0.1 (no adversarial model unless
+    `adv` gives adv_steps, adv_lr, lam0, every, rule)."""
+    adv = {"adv_steps": 0, "adv_lr": 0.0, "lam0": 0.0, "every": steps, "rule": "fixed", **adv}
+    w, b = (np.asarray(variables["params"][k], np.float64) for k in ("w", "b"))
+    args = (np.asarray(x), np.asarray(y), mask, np.asarray(p0), w, b, 2, 0.1, steps, lo, hi)
+    return oracle.a3fl_linear_adaptive_trigger(*args, **adv)
 
 
 def test_a3fl_trigger_search_matches_oracle():
     env, g, variables, x, y = _linear_env()
     attack = get_attack("a3fl", env, steps=4, alpha=0.1, adv_steps=0, size=4)
     hook = attack.hook
-    p0 = hook.init(g)
-    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
-    got = np.asarray(jax.jit(hook.server)(p0, ctx))
-    mask = np.zeros((32, 32, 3), bool)
-    mask[:4, :4] = True
-    lo = (0 - np.array(env.mean)) / np.array(env.std)
-    hi = (1 - np.array(env.mean)) / np.array(env.std)
-    want, smallest = oracle.a3fl_linear_trigger(
-        np.asarray(x),
-        mask,
-        np.asarray(p0),
-        np.asarray(variables["params"]["w"], np.float64),
-        np.asarray(variables["params"]["b"], np.float64),
-        2,
-        0.1,
-        4,
-        lo,
-        hi,
-    )
+    s0, ctx, got, lam, mask, lo, hi = _search_4x4(hook, env, g, x, y)
+    p0 = s0[0]
+    want, smallest, _ = _oracle_search(x, y, s0[0], variables, mask, lo, hi, steps=4)
     assert smallest > 1e-6  # every sign well defined in float32
     # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not np.allclose(got, np.asarray(p0))
     np.testing.assert_array_equal(got[~mask], 0.0)  # nothing outside the patch
     # Outside the attack window the trigger is kept.
-    off = jax.jit(hook.server)(p0, ctx._replace(attack_on=jnp.asarray(False)))
-    np.testing.assert_array_equal(np.asarray(off), np.asarray(p0))
+    assert float(lam) == 0.0  # no adversarial model, no weight
+    off = jax.jit(hook.server)(s0, ctx._replace(attack_on=jnp.asarray(False)))
+    np.testing.assert_array_equal(np.asarray(off[0]), np.asarray(p0))
 
 
 def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
@@ -173,12 +181,92 @@ def test_a3fl_adversarial_model_changes_the_search_and_stays_in_range():
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
     plain = get_attack("a3fl", env, steps=3, adv_steps=0).hook
     adv = get_attack("a3fl", env, steps=3, adv_steps=3, adv_lr=5.0).hook
-    a = np.asarray(plain.server(plain.init(g), ctx))
-    b = np.asarray(adv.server(adv.init(g), ctx))
+    a = np.asarray(plain.server(plain.init(g), ctx)[0])
+    b = np.asarray(adv.server(adv.init(g), ctx)[0])
     assert not np.array_equal(a, b)
     lo = (0 - np.array(env.mean)) / np.array(env.std)
     hi = (1 - np.array(env.mean)) / np.array(env.std)
     assert np.all(b >= lo - 1e-6) and np.all(b <= hi + 1e-6)
+
+
+def test_a3fl_similarity_weight_matches_oracle():
+    """λ = λ₀·mean over kernels of cos(θ'_l, θ_g,l) on hand-built params (a conv and a dense
+    kernel, biases and a norm scale that take no part), against the float64 oracle."""
+    rng = np.random.RandomState(4)
+    shapes = {"conv": {"kernel": (3, 3, 2, 4), "bias": (4,)}, "bn": {"scale": (4,)}}
+    shapes["dense"] = {"kernel": (8, 3), "bias": (3,)}
+    glob = jax.tree.map(
+        lambda s: rng.randn(*s).astype(np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
+    adv = jax.tree.map(lambda a: a + rng.randn(*a.shape).astype(np.float32), glob)
+    lam0 = 0.7
+    got = float(a3fl_mod.adversarial_weight(adv, glob, lam0, "similarity"))
+    leaves_a, leaves_g = jax.tree.leaves(adv), jax.tree.leaves(glob)
+    want = lam0 * oracle.kernel_cosine(leaves_a, leaves_g)
+    # Two float32 dot products of <= 72 terms: 1e-6 relative.
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert 0.1 < want / lam0 < 0.95  # the perturbation really moved the weight off 1
+    # Hand-checked: identical kernels give λ₀, a flipped conv kernel gives mean(−1, 1) = 0.
+    assert float(a3fl_mod.adversarial_weight(glob, glob, lam0, "similarity")) == pytest.approx(
+        lam0, rel=1e-6
+    )
+    flipped = {**glob, "conv": {**glob["conv"], "kernel": -glob["conv"]["kernel"]}}
+    assert float(a3fl_mod.adversarial_weight(flipped, glob, lam0, "similarity")) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert float(a3fl_mod.adversarial_weight(adv, glob, lam0, "fixed")) == pytest.approx(lam0)
+    with pytest.raises(ValueError, match="no kernel"):
+        a3fl_mod.kernel_cosine({"b": jnp.ones(3)}, {"b": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("rule", ["similarity", "fixed"])
+def test_a3fl_adaptive_search_matches_oracle(rule):
+    """The whole search with the adversarial model (re-crafted every 2 of 4 steps) and its
+    weight rule against the float64 oracle on a linear model."""
+    env, g, variables, x, y = _linear_env(5)
+    kw = dict(steps=4, alpha=0.1, adv_steps=2, adv_lr=0.5, adv_weight=3.0, adv_every=2)
+    hook = get_attack("a3fl", env, size=4, weight_rule=rule, **kw).hook
+    s0, _, got, lam, mask, lo, hi = _search_4x4(hook, env, g, x, y)
+    p0 = s0[0]
+    adv = dict(adv_steps=2, adv_lr=0.5, lam0=3.0, every=2, rule=rule)
+    want, smallest, lams = _oracle_search(x, y, p0, variables, mask, lo, hi, steps=4, **adv)
+    assert smallest > 1e-3  # every sign well defined in float32
+    assert len(lams) == 2
+    # The state keeps the last block's λ (float32 cosines: 1e-5 relative).
+    np.testing.assert_allclose(float(lam), lams[-1], rtol=1e-5)
+    if rule == "similarity":
+        assert all(2.0 < lam < 2.5 for lam in lams)  # the unlearning moved W: sim ≈ 0.71
+    # Steps of exactly ±0.1 and clips: float32 rounding only (1e-6).
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, np.asarray(p0))
+
+
+def test_a3fl_weight_rule_reaches_the_search():
+    """The similarity rule and the fixed rule give different triggers once θ' has moved."""
+    env, g, _, x, y = _linear_env(5)
+    ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
+    kw = dict(steps=3, adv_steps=3, adv_lr=2.0, adv_weight=3.0)
+    a = get_attack("a3fl", env, weight_rule="similarity", **kw).hook
+    b = get_attack("a3fl", env, weight_rule="fixed", **kw).hook
+    assert not np.array_equal(
+        np.asarray(a.server(a.init(g), ctx)[0]), np.asarray(b.server(b.init(g), ctx)[0])
+    )
+    with pytest.raises(ValueError, match="weight_rule"):
+        get_attack("a3fl", env, weight_rule="cosine")
+    with pytest.raises(ValueError, match="adv_every"):
+        get_attack("a3fl", env, adv_every=-1)
+    # A model without a kernel has no similarity to weigh by: refused before any compute.
+    variables = {"params": {"b": jnp.zeros(10)}}
+    no_kernel = AttackEnv(
+        env.image_shape,
+        env.mean,
+        env.std,
+        num_classes=10,
+        model=ModelOps(Flattener.build(variables), lambda v, x: v["params"]["b"][None]),
+    )
+    with pytest.raises(ValueError, match="needs a model with a kernel"):
+        get_attack("a3fl", no_kernel)
+    get_attack("a3fl", no_kernel, weight_rule="fixed")
 
 
 def test_a3fl_stamps_only_flagged_samples_with_the_state():
@@ -186,13 +274,13 @@ def test_a3fl_stamps_only_flagged_samples_with_the_state():
     attack = get_attack("a3fl", env, size=3)
     pattern = jnp.full((32, 32, 3), 7.0)
     flags = jnp.arange(16) % 2 == 0
-    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), pattern)
+    xo, yo = attack.apply(x, y, flags, 0, jax.random.key(0), (pattern, jnp.float32(0)))
     xo, yo = np.asarray(xo), np.asarray(yo)
     np.testing.assert_array_equal(xo[1::2], np.asarray(x)[1::2])
     np.testing.assert_array_equal(yo[1::2], np.asarray(y)[1::2])
     assert np.all(xo[::2, :3, :3] == 7.0) and np.all(yo[::2] == 2)
     np.testing.assert_array_equal(xo[::2, 3:], np.asarray(x)[::2, 3:])
-    xt, yt = attack.test(x, y, pattern)
+    xt, yt = attack.test(x, y, (pattern, jnp.float32(0)))
     assert np.all(np.asarray(xt)[:, :3, :3] == 7.0) and np.all(np.asarray(yt) == 2)
 
 
@@ -203,8 +291,8 @@ def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
     cfg = Config(**{**TINY, "attack": "a3fl"})
     res = run(cfg, blobs)
     sim = res.sim
-    pattern = np.asarray(res.state.hooks[0])
-    start = np.asarray(sim.data_attack.hook.init(sim.init_flat))
+    pattern = np.asarray(res.state.hooks[0][0])
+    start = np.asarray(sim.data_attack.hook.init(sim.init_flat)[0])
     assert not np.array_equal(pattern, start)
     np.testing.assert_array_equal(pattern[5:], 0.0)
     assert sim.r_trigger == "attack"
@@ -212,10 +300,25 @@ def test_a3fl_run_optimises_the_trigger_and_evaluates_it(blobs):
     assert not np.array_equal(plain_fedavg(blobs)[1], np.asarray(res.state.global_flat))
 
 
+def test_a3fl_weight_rule_option_reaches_the_run(blobs):
+    """`--attack-opt a3fl.weight_rule=...` reaches a 2-round run: the λ its last trigger
+    search used is λ₀ = 3 with `fixed`, and λ₀·sim(θ', θ_g) < λ₀ with `similarity` once θ'
+    is strongly unlearned (adv_lr 5)."""
+    opts = (("a3fl", "adv_lr", "5"), ("a3fl", "adv_weight", "3"))
+    lams = {}
+    for rule in ("similarity", "fixed"):
+        cfg = Config(
+            **{**TINY, "attack": "a3fl"}, attack_opts=(*opts, ("a3fl", "weight_rule", rule))
+        )
+        lams[rule] = float(run(cfg, blobs).state.hooks[0][1])
+    assert lams["fixed"] == 3.0
+    assert 0.0 < lams["similarity"] < 2.99
+
+
 # ----------------------------------------------------------------------------------- IBA
-def test_iba_trigger_matches_oracle_and_is_bounded():
+def test_iba_conv_trigger_matches_oracle_and_is_bounded():
     env, _, _, x, y = _linear_env(2)
-    attack = get_attack("iba", env, eps=0.1, hidden=4)
+    attack = get_attack("iba", env, eps=0.1, generator="conv", width=4)
     gen = attack.hook.init(None)
     flags = jnp.arange(16) % 2 == 0
     xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
@@ -230,20 +333,73 @@ def test_iba_trigger_matches_oracle_and_is_bounded():
     assert np.all(np.abs((xo - x_np) * np.array(env.std)) <= 0.1 + 1e-6)
 
 
-def test_iba_generator_step_lowers_the_target_loss():
-    env, g, variables, x, y = _linear_env(3)
-    attack = get_attack("iba", env, gen_steps=3, gen_lr=0.5)
+@pytest.mark.parametrize(
+    "shape, depth",
+    [((28, 28, 1), 3), ((32, 32, 3), 1)],  # 28 → 14 → 7 → 3: odd sizes floor, resize back
+)
+def test_iba_unet_matches_oracle_and_is_bounded(shape, depth):
+    """The U-Net generator's trigger against the float64 oracle, for 1- and 3-channel
+    images: same shape as the input, ‖T‖∞ ≤ ε in pixels, only flagged samples touched."""
+    env, _, _, x, y = _linear_env(2, shape)
+    eps = 0.1
+    attack = get_attack("iba", env, eps=eps, width=4, depth=depth)
+    gen = attack.hook.init(None)
+    widths = {k: v["kernel"].shape[-1] for k, v in gen.items()}
+    assert widths["bottleneck_0"] == 4 * 2**depth and widths["out"] == shape[-1]
+    # The up blocks read [up-sampled, skip]: width·2^(i+1) + width·2^i input channels.
+    assert gen["up0_0"]["kernel"].shape[2] == 4 * 2 + 4
+    flags = jnp.arange(16) % 2 == 0
+    xo, yo = jax.jit(attack.apply)(x, y, flags, 0, jax.random.key(0), gen)
+    assert xo.shape == x.shape
+    xo, x_np = np.asarray(xo, np.float64), np.asarray(x, np.float64)
+    std = np.array(env.std)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), gen)
+    want = eps * np.tanh(oracle.unet_generator(params, x_np, depth)) / std
+    # float32 convolutions through 6-8 layers of O(0.1) activations: ~1e-7 relative, 2e-7
+    # absolute after ε·tanh/std; the trigger itself varies by ~1e-3 across pixels.
+    np.testing.assert_allclose(xo[::2] - x_np[::2], want[::2], rtol=0, atol=2e-7 / min(std))
+    assert np.std(want[::2]) > 2e-4  # a trigger that varies, not a constant
+    np.testing.assert_array_equal(xo[1::2], x_np[1::2])
+    assert np.all(np.asarray(yo)[::2] == 2)
+    np.testing.assert_array_equal(np.asarray(yo)[1::2], np.asarray(y)[1::2])
+    assert np.all(np.abs((xo - x_np) * std) <= eps * (1 + 1e-6))
+    xt, yt = jax.jit(attack.test)(x, y, gen)
+    assert np.all(np.abs((np.asarray(xt, np.float64) - x_np) * std) <= eps * (1 + 1e-6))
+    assert np.all(np.asarray(yt) == 2)
+
+
+def test_iba_bad_generator_options_are_rejected():
+    env, *_ = _linear_env(0, (28, 28, 1))
+    with pytest.raises(ValueError, match="generator='gan'"):
+        get_attack("iba", env, generator="gan")
+    with pytest.raises(ValueError, match="depth=5"):
+        get_attack("iba", env, depth=5)  # 28 / 2^5 < 1
+    with pytest.raises(ValueError, match="width=0"):
+        get_attack("iba", env, width=0)
+
+
+@pytest.mark.parametrize("generator", ["unet", "conv"])
+def test_iba_generator_step_lowers_the_target_loss(generator, blobs):
+    """A few generator steps against a fixed model lower the backdoor (target-label) loss, on
+    blobs' 28x28x1 images and a linear model."""
+    env, g, variables, _, y = _linear_env(3, (28, 28, 1))
+    pixels = blobs.x_train[:32].astype(np.float32) / 255.0
+    x = jnp.asarray((pixels - env.mean[0]) / env.std[0])
+    y = jnp.asarray(blobs.y_train[:32].astype(np.int32))
+    opts = dict(generator=generator, gen_steps=3, gen_lr=0.5, width=4, depth=1)
+    attack = get_attack("iba", env, **opts)
     hook = attack.hook
     gen0 = hook.init(g)
     ctx = ServerContext(g, jnp.int32(0), jnp.asarray(True), jax.random.key(0), x, y)
     gen1 = jax.jit(hook.server)(gen0, ctx)
 
+    @jax.jit
     def target_loss(gen):
         xt, _ = attack.test(x, y, gen)
         logits = env.model.logits(variables, xt)
-        return float(-jnp.mean(jax.nn.log_softmax(logits)[:, 2]))
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, 2])
 
-    assert target_loss(gen1) < target_loss(gen0)
+    assert float(target_loss(gen1)) < float(target_loss(gen0))
     off = jax.jit(hook.server)(gen0, ctx._replace(attack_on=jnp.asarray(False)))
     for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(gen0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -251,10 +407,12 @@ def test_iba_generator_step_lowers_the_target_loss():
 
 def test_iba_run_trains_the_generator(blobs):
     cfg = Config(
-        **{**TINY, "attack": "iba"}, attack_opts=(("iba", "gen_steps", "2"), ("iba", "hidden", "4"))
+        **{**TINY, "attack": "iba"},
+        attack_opts=(("iba", "gen_steps", "2"), ("iba", "width", "2"), ("iba", "depth", "1")),
     )
     res = run(cfg, blobs)
     gen0 = res.sim.data_attack.hook.init(None)
+    assert "bottleneck_0" in gen0  # the default generator is the U-Net
     moved = [
         not np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(jax.tree.leaves(res.state.hooks[0]), jax.tree.leaves(gen0), strict=True)
