@@ -402,6 +402,8 @@ def test_zoo_preset_runs_every_registered_defense_under_the_fair_protocol():
     spec = sweep.make_spec("zoo").validate()
     assert spec.defenses == tuple(REGISTRY.names()) and spec.protocol == "fair"
     assert {spec.config(c).epochs for c in spec.cells()} == {2}  # every method the same
+    # The implanting config (issue #17): gamma 0.3, 20 rounds (README's zoo table).
+    assert spec.gammas == (0.3,) and spec.base.rounds == 20 and spec.base.model == "mlp"
     # "all" also works from the command line, next to explicit names (deduplicated).
     spec = sweep.spec_from_args(
         sweep.build_parser().parse_args(
