@@ -94,19 +94,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "test_subsample": None,
     },
     "smoke": {
-        "description": "a CPU-sized check of the whole pipeline (a few minutes on 2 cores): "
-        "FedAvg and SPMC on a 2,000-image MNIST slice, 6 clients, 2 rounds, 1 local epoch, "
-        "2,000 test images",
+        "description": "a CPU-sized check of the whole pipeline (a few minutes on 2 cores) in "
+        "which FedAvg's backdoor implants: FedAvg and SPMC on a 6,000-image MNIST slice, the "
+        "MLP, 10 clients, gamma 0.3, 12 rounds, 3 local epochs for both, 2,000 test images",
         "grid": {
             "datasets": ("mnist",),
             "defenses": ("fedavg", "spmc"),
-            "gammas": (0.2,),
+            "gammas": (0.3,),
             "seeds": (0,),
         },
-        "config": {"rounds": 2, "subsample": 2000, "clients": 6, "local_epochs": 1},
+        # Departures from the paper's protocol, each needed for the backdoor to implant in a
+        # dozen CPU-cheap rounds (benchmarks/RESULTS.md, issue #17): a 6,000-image slice, the
+        # MLP (the SimpleCNN barely learns in so few SGD steps), 12 rounds, and 3 local epochs
+        # for FedAvg and SPMC alike (paper: 1 and 10). gamma 0.3 is the paper's other ratio
+        # (3 attackers of 10). FedAvg's last-5 R_excl_target is 10.5 (implanted) with A 83.
+        "config": {
+            "rounds": 12,
+            "subsample": 6000,
+            "clients": 10,
+            "local_epochs": 3,
+            "model": "mlp",
+        },
         "dataset_config": {},
         # Evaluating on all 10,000 test images (clean + triggered) costs more CPU per round
-        # than the 2-round training itself; the header of table.md says the test set is cut.
+        # than the training of these small rounds; the header of table.md says the test set is
+        # cut.
         "test_subsample": 2000,
     },
     "demo": {
@@ -134,18 +146,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "zoo": {
         "description": "every registered defense against the chosen --attack (default: the "
-        "reference backdoor) on a CPU-sized MNIST run: the MLP, a 6,000-image slice, 10 "
-        "clients, gamma 0.2, 5 rounds of 2 local epochs, fair protocol",
+        "reference backdoor) on a CPU-sized MNIST run where FedAvg's backdoor implants: the "
+        "MLP, a 6,000-image slice, 10 clients, gamma 0.3, 20 rounds of 2 local epochs, fair "
+        "protocol",
         "grid": {
             "datasets": ("mnist",),
             "defenses": ALL_DEFENSES,  # resolved from the registry when the spec is built
-            "gammas": (0.2,),
+            "gammas": (0.3,),
             "seeds": (0,),
         },
+        # 20 rounds at gamma 0.3 (the paper's other ratio): FedAvg's R_excl_target falls
+        # below 20 from round 11 (last-5 mean 4.5, A 85; benchmarks/RESULTS.md, issue #17).
+        # At gamma 0.2 and 5 rounds it never implanted.
         "config": {
             "subsample": 6000,
             "clients": 10,
-            "rounds": 5,
+            "rounds": 20,
             "local_epochs": 2,
             "model": "mlp",
         },

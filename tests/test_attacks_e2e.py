@@ -92,6 +92,9 @@ def test_attacks_run_through_the_sweep_runner(tmp_path, real_dataset):
             "mlp",
             "--rounds",
             "1",
+            # The smoke preset's size before it was made to implant (issue #17): 1 round
+            # here only checks that the attack reaches every cell.
+            *("--subsample", "2000", "--clients", "6", "--local-epochs", "1"),
             "--quiet",
         ]
         assert sweep_main(args, jax_cache=False) == 0

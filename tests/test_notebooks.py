@@ -28,6 +28,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from spmc_jax import sweep
 from tests.tables import table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,9 @@ F32_WEIGHT_TOL = 1e-5
 # SPMC's alpha = softmax(cos / T) with T = 1 and cos in [-1, 1]: max/min alpha <= e^2.
 SPMC_MAX_ALPHA_RATIO = math.e**2
 FAKE_DEVICES = 4
+# Clean accuracy FedAvg must keep in the quickstart's smoke mode (last-5 mean in %; chance is
+# 10, the sweep's smoke preset measures 81).
+QUICKSTART_MIN_A = 70.0
 PROBE = "__NOTEBOOK_RESULT__"
 _FIND_SPEC = importlib.util.find_spec  # the real one, before any test patches it
 
@@ -144,21 +148,30 @@ def test_quickstart_runs_fedavg_and_spmc_and_reports_weights(tmp_path, real_data
     real_dataset("mnist")
     nb, res = run_notebook("quickstart.ipynb", "quickstart_result", tmp_path)
     assert set(res) == {"fedavg", "spmc"}
-    # Smoke mode: 5 clients, gamma 0.2 -> floor(5 * 0.2) = 1 attacker, the last id.
+    # Smoke mode is the sweep's smoke preset: 10 clients, gamma 0.3 -> floor(10 * 0.3) = 3
+    # attackers, the last ids; 12 rounds of 3 local epochs.
+    smoke = sweep.make_spec("smoke")
+    assert smoke.gammas == (0.3,) and smoke.base.clients == 10 and smoke.base.rounds == 12
+    assert smoke.base.local_epochs == 3 and smoke.base.subsample == 6000
     for defense, r in res.items():
-        assert r["rounds"] == [1, 2], defense
-        assert r["local_epochs"] == 1
-        assert r["malicious_ids"] == [4]
+        assert r["rounds"] == list(range(1, 13)), defense
+        assert r["local_epochs"] == 3
+        assert r["malicious_ids"] == [7, 8, 9]
         _check_pct(r["A"], r["R"], r["V"])
         ids, w = r["client_ids"], r["client_weights"]
-        assert sorted(ids) == [0, 1, 2, 3, 4]
+        assert sorted(ids) == list(range(10))
         assert min(w) >= 0.0 and abs(sum(w) - 1.0) < F32_WEIGHT_TOL
         # attacker_weight is the attackers' share of the weights the notebook shows.
         share = sum(wi for i, wi in zip(ids, w, strict=True) if i in r["malicious_ids"]) / sum(w)
         assert abs(r["attacker_weight"][-1] - share) < F32_WEIGHT_TOL
-    # FedAvg is the uniform mean: every client 1/5, the attacker 1/5 of the aggregate.
-    assert all(abs(x - 0.2) < F32_WEIGHT_TOL for x in res["fedavg"]["client_weights"])
-    assert all(abs(x - 0.2) < F32_WEIGHT_TOL for x in res["fedavg"]["attacker_weight"])
+    # FedAvg's backdoor implants (issue #17): attack success on triggered non-target images
+    # >= 80 % (R_excl_target <= 20) over the last 5 rounds, clean accuracy far above chance.
+    fedavg = res["fedavg"]
+    assert sum(fedavg["R_excl_target"][-5:]) / 5 < sweep.IMPLANTED_R_EXCL
+    assert sum(fedavg["A"][-5:]) / 5 >= QUICKSTART_MIN_A
+    # FedAvg is the uniform mean: every client 1/10, the 3 attackers 3/10 of the aggregate.
+    assert all(abs(x - 0.1) < F32_WEIGHT_TOL for x in res["fedavg"]["client_weights"])
+    assert all(abs(x - 0.3) < F32_WEIGHT_TOL for x in res["fedavg"]["attacker_weight"])
     # SPMC's alpha is a softmax of cosines (T = 1): positive, max/min bounded by e^2.
     alpha = res["spmc"]["client_weights"]
     assert min(alpha) > 0.0 and max(alpha) / min(alpha) <= SPMC_MAX_ALPHA_RATIO

@@ -29,7 +29,8 @@ from tests.tables import table_rows
 TINY = [
     "--preset", "smoke", "--datasets", "mnist", "--defenses", "fedavg", "spmc",
     "--gammas", "0.3", "--rounds", "2", "--clients", "4", "--subsample", "full",
-    "--test-subsample", "full", "--model", "mlp", "--batch-size", "32", "--quiet",
+    "--test-subsample", "full", "--model", "mlp", "--batch-size", "32", "--local-epochs", "1",
+    "--quiet",
 ]  # fmt: skip
 CELLS = ("mnist-fedavg-g0.3-s0-paper", "mnist-spmc-g0.3-s0-paper")
 ROW_KEYS = {
@@ -82,7 +83,7 @@ def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
             "paper",
             "base",
         )
-        assert r["local_epochs"] == 1  # --local-epochs 1 of the smoke preset
+        assert r["local_epochs"] == 1  # --local-epochs 1 of TINY
         assert 0.0 <= r["A"] <= 100.0 and 0.0 <= r["attacker_weight"] <= 1.0
         assert abs(r["V"] - (r["A"] + r["R"]) / 2) < F32_PCT_TOL
     # The summary's last-5 means are the rows' means (a NumPy recomputation).
@@ -313,6 +314,11 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+# Clean accuracy FedAvg must keep in the smoke preset (last-5 mean; chance is 10 %, the
+# measured value 81.45).
+SMOKE_MIN_A = 70.0
+
+
 @pytest.mark.slow
 def test_smoke_preset_end_to_end_on_real_mnist(tmp_path, real_dataset):
     real_dataset("mnist")
@@ -325,8 +331,20 @@ def test_smoke_preset_end_to_end_on_real_mnist(tmp_path, real_dataset):
     rows = _rows(out / "results.jsonl")
     want = [(c, k) for c in ids for k in range(1, rounds + 1)]
     assert [(x["cell"], x["round"]) for x in rows] == want
+    # The preset is sized for FedAvg's backdoor to implant (issue #17): its attack success
+    # on triggered non-target images is >= 80 % (R_excl_target <= 20) in the last round and
+    # over the last 5, while clean accuracy stays far above chance (10 %). Measured here:
+    # last round R_excl 8.70, last-5 10.50, A 81.45; the margins absorb float32 drift
+    # between CPUs without letting a non-implanting config (R_excl 60-99, RESULTS.md) pass.
+    fedavg = [x for x in rows if x["cell"] == ids[0]]
+    assert "fedavg" in ids[0]
+    assert fedavg[-1]["R_excl_target"] <= sweep.IMPLANTED_R_EXCL
+    summary = json.loads((out / "cells" / f"{ids[0]}.json").read_text())
+    assert summary["last5"]["R_excl_target"] < sweep.IMPLANTED_R_EXCL
+    assert summary["last5"]["A"] >= SMOKE_MIN_A
     text = (out / "table.md").read_text()
-    assert "| FedAvg |" in text and "| SPMC |" in text and "*99.25 / 2.20 / 50.73*" in text
+    assert "| FedAvg |" in text and "| SPMC |" in text and "*99.17 / 1.27 / 50.22*" in text
+    assert "MNIST yes (R excl. target" in text and "†" not in table_rows(text, "0.3")["FedAvg"][0]
     assert "stratified subsample of 60,000" in text
     assert (out / "curves.png").stat().st_size > 10_000
     record = json.loads((out / "sweep.json").read_text())
@@ -384,6 +402,8 @@ def test_zoo_preset_runs_every_registered_defense_under_the_fair_protocol():
     spec = sweep.make_spec("zoo").validate()
     assert spec.defenses == tuple(REGISTRY.names()) and spec.protocol == "fair"
     assert {spec.config(c).epochs for c in spec.cells()} == {2}  # every method the same
+    # The implanting config (issue #17): gamma 0.3, 20 rounds (README's zoo table).
+    assert spec.gammas == (0.3,) and spec.base.rounds == 20 and spec.base.model == "mlp"
     # "all" also works from the command line, next to explicit names (deduplicated).
     spec = sweep.spec_from_args(
         sweep.build_parser().parse_args(

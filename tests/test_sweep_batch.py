@@ -19,7 +19,8 @@ from spmc_jax.engine import run
 ARGV = [
     "--preset", "smoke", "--datasets", "mnist", "--defenses", "fedavg", "--gammas", "0.25",
     "0.5", "--seeds", "0", "1", "--rounds", "3", "--clients", "4", "--subsample", "full",
-    "--test-subsample", "full", "--model", "mlp", "--batch-size", "32", "--quiet",
+    "--test-subsample", "full", "--model", "mlp", "--batch-size", "32", "--local-epochs", "1",
+    "--quiet",
 ]  # fmt: skip
 # Accuracies in percent of 100 test images: batched and alone agree to float32 summation
 # order, i.e. the same predictions (within one image, 1 %, for a prediction on a tie).

@@ -23,7 +23,7 @@ BLOCKED = ("tensorflow", "tensorflow_datasets", "torch", "sklearn", "hdbscan", "
 SITECUSTOMIZE = f"import sys\nsys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
 SWEEP_ARGS = (
     "--defenses fedavg --gammas 0.25 0.5 --rounds 2 --clients 4 --subsample full "
-    "--test-subsample full --model mlp --batch-size 32 --quiet"
+    "--test-subsample full --model mlp --batch-size 32 --local-epochs 1 --quiet"
 )
 
 
