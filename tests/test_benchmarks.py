@@ -121,3 +121,21 @@ def test_round_vs_pytorch_tiny(tmp_path):
         assert e > 0 and t > 0 and math.isclose(r, t / e, rel_tol=1e-9)
     assert row["engine_compile_s"] > 0 and row["client_devices"] == 1
     assert res["environment"]["torch_threads"] == [1]
+
+
+def test_cpu_levers_tiny(tmp_path):
+    mod = _load("cpu_levers")
+    out = tmp_path / "l.json"
+    argv = "--variants block-none block-4 --steps 1 --repeats 2 --batch-size 8"
+    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["block-none", "block-4"]
+    base, blk = rows
+    assert base["max_abs_diff_vs_first"] == 0.0
+    # Blocking changes only the float32 summation order of one SGD step.
+    assert blk["max_abs_diff_vs_first"] < 1e-5
+    for r in rows:
+        assert len(r["cpu_ms_per_step"]["samples"]) == 2 and r["steps_per_s"]["median"] > 0
+    assert base["wall_speedup"]["samples"] == [1.0, 1.0]
+    with pytest.raises(SystemExit, match="accepted: block-none"):
+        mod.main(["--variants", "block-x"])
