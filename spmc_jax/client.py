@@ -622,23 +622,26 @@ def local_train_from_step(
         inputs = HookInputs(variables["params"], tuple(hook_states), jnp.int32(0), epochs)
 
         def step(carry, s, perm, key, e):
-            variables, opt_state, loss_sum, proj_sum = carry
-            active = s < n_batches
             extra = (inputs._replace(epoch=e),) if hook_states else ()
-            out = one_step(
-                variables, opt_state, teacher, data, task, attack_on, perm, key, s, *extra
-            )
 
-            def keep(new, old):
-                return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+            def run(carry):
+                variables, opt_state, loss_sum, proj_sum = carry
+                out = one_step(
+                    variables, opt_state, teacher, data, task, attack_on, perm, key, s, *extra
+                )
+                return (
+                    out.variables,
+                    out.opt_state,
+                    loss_sum + out.loss,
+                    proj_sum + out.projected,
+                )
 
-            carry = (
-                keep(out.variables, variables),
-                keep(out.opt_state, opt_state),
-                loss_sum + jnp.where(active, out.loss, 0.0),
-                proj_sum + jnp.where(active, out.projected, 0.0),
-            )
-            return carry, None
+            # Steps past this client's last full batch (the scan runs the largest client's
+            # count) leave the carry as it is. A cond, not a where: one client at a time
+            # (the CPU path) then skips them instead of computing and discarding them
+            # (Dirichlet MNIST: 1340 computed steps for 840 real ones); under vmap it
+            # becomes the same select as before (issue 14).
+            return jax.lax.cond(s < n_batches, run, lambda c: c, carry), None
 
         def epoch(carry, e):
             perm, k_steps = epoch_order(task, e)

@@ -1026,5 +1026,22 @@ def open_loggers(
     return logger, progress
 
 
+def enable_cli_compile_cache() -> str:
+    """Turn on JAX's persistent compilation cache for a command-line run.
+
+    A second run with the same shapes then skips the 5–15 s of compilation (issue 14,
+    benchmarks/RESULTS.md). Only the `python -m spmc_jax.train` entry point calls this: the
+    setting is process-wide, so in-process callers (tests, notebooks, the sweep with its own
+    `DIR/.jax_cache`) keep theirs. `JAX_COMPILATION_CACHE_DIR` wins when set; otherwise the
+    cache lives in `<data cache>/jax_cache` (`$XDG_CACHE_HOME/spmc_jax`, default
+    `~/.cache/spmc_jax`). Returns the directory in effect.
+    """
+    from spmc_jax.data.sources import default_cache_dir
+    from spmc_jax.sweep import enable_jax_cache
+
+    return enable_jax_cache(default_cache_dir() / "jax_cache")
+
+
 if __name__ == "__main__":
+    enable_cli_compile_cache()
     sys.exit(main())

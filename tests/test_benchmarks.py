@@ -98,3 +98,44 @@ def test_vs_pytorch_tiny(tmp_path):
         assert e > 0 and t > 0 and math.isclose(r, e / t, rel_tol=1e-9)
     assert row["ratio_vs_best_pytorch"]["samples"] == row["ratio"]["pytorch_1t"]["samples"]
     assert res["environment"]["torch_threads"] == [1] and res["environment"]["torch"]
+
+
+def test_round_vs_pytorch_tiny(tmp_path):
+    pytest.importorskip("torch")  # the optional `bench` extra; CI does not install it
+    mod = _load("round_vs_pytorch")
+    out = tmp_path / "rv.json"
+    # SPMC only: its PyTorch client (teacher, two backward passes, projection) is the
+    # involved one, and one engine compile keeps the test short.
+    argv = "--defense spmc --synthetic 400 --clients 2 --batch-size 16 --repeats 2 --threads 1"
+    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    # 1 of SPMC's 10 paper epochs by default, and the fraction says so.
+    assert (row["local_epochs"], row["paper_local_epochs"], row["round_fraction"]) == (1, 10, 0.1)
+    sizes = row["client_sizes"]
+    assert len(sizes) == 2 and sum(sizes) == 360  # the 90 % train split of 400
+    assert row["client_steps"] == sum(s // 16 for s in sizes)
+    eng, pt = row["engine"]["samples"], row["pytorch_1t"]["samples"]
+    assert len(eng) == len(pt) == 2
+    for e, t, r in zip(eng, pt, row["ratio"]["pytorch_1t"]["samples"], strict=True):
+        assert e > 0 and t > 0 and math.isclose(r, t / e, rel_tol=1e-9)
+    assert row["engine_compile_s"] > 0 and row["client_devices"] == 1
+    assert res["environment"]["torch_threads"] == [1]
+
+
+def test_cpu_levers_tiny(tmp_path):
+    mod = _load("cpu_levers")
+    out = tmp_path / "l.json"
+    argv = "--variants block-none block-4 --steps 1 --repeats 2 --batch-size 8"
+    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["block-none", "block-4"]
+    base, blk = rows
+    assert base["max_abs_diff_vs_first"] == 0.0
+    # Blocking changes only the float32 summation order of one SGD step.
+    assert blk["max_abs_diff_vs_first"] < 1e-5
+    for r in rows:
+        assert len(r["cpu_ms_per_step"]["samples"]) == 2 and r["steps_per_s"]["median"] > 0
+    assert base["wall_speedup"]["samples"] == [1.0, 1.0]
+    with pytest.raises(SystemExit, match="accepted: block-none"):
+        mod.main(["--variants", "block-x"])

@@ -86,6 +86,34 @@ def test_masked_steps_are_no_ops():
     assert float(a.steps) == float(b.steps) == 4.0
 
 
+def test_masked_steps_are_skipped_one_client_at_a_time():
+    # One client at a time (the CPU path) does not compute the steps past its last full
+    # batch: the transform (run once per computed step) is called 2 x 2 times, not 5 x 2.
+    calls = []
+    base = make_train_transform("mnist", MEAN["mnist"], STD["mnist"], False)
+
+    def counting(key, x):
+        jax.debug.callback(lambda: calls.append(1))
+        return base(key, x)
+
+    data, _, _ = _setup()
+    model = get_model("mlp")  # the cheapest model: the count, not the network, is tested
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    fn = make_local_train(
+        model,
+        counting,
+        make_optimizer(0.01, 0.9, 1e-5),
+        batch_size=B,
+        steps_per_epoch=5,
+        epochs=2,
+    )
+    idx = np.zeros(40, np.int32)
+    idx[:16] = np.arange(16)
+    out = jax.jit(fn)(variables, variables, data, _task(idx, 16, jax.random.key(5)), False)
+    jax.effects_barrier()
+    assert float(out.steps) == 4.0 and len(calls) == 4
+
+
 def test_optimizer_matches_pytorch_sgd_formula():
     # PyTorch SGD: d = g + wd·w; buf₁ = d; buf_t = m·buf + d; w ← w − lr·buf.
     tx = make_optimizer(0.1, 0.9, 0.01)

@@ -10,8 +10,8 @@ import pytest
 
 from spmc_jax.flat import Flattener
 from spmc_jax.models import get_model
-from spmc_jax.models.layers import FULL_IM2COL_MAX_CIN, conv2d, max_pool
-from tests.reference.conv_oracle import conv2d_nhwc
+from spmc_jax.models.layers import FULL_IM2COL_MAX_CIN, IM2COL_BATCH_BLOCK, conv2d, max_pool
+from tests.reference.conv_oracle import conv2d_nhwc, conv2d_nhwc_kernel_grad
 
 
 def _init(name, impl="lax"):
@@ -61,6 +61,29 @@ def test_patch_conv_full_im2col_path_matches_float64_oracle(cin, stride, pad, ks
     got = conv2d(x, k, stride, pad, "patches")
     # float32 sums of <= 75 unit-normal products: ~1e-6 relative to their magnitude.
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,stride,pad", [(3, 1, 0), (6, 2, 1)])
+def test_patch_conv_batch_blocks_match_float64_oracle(cin, stride, pad):
+    # 3 blocks of IM2COL_BATCH_BLOCK images: the blocked path (lax.map over the blocks, each
+    # block's im2col recomputed in the backward pass), for the full-im2col and row-wise convs.
+    assert IM2COL_BATCH_BLOCK is not None
+    b = 3 * IM2COL_BATCH_BLOCK
+    kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (b, 12, 12, cin))
+    k = jax.random.normal(kk, (5, 5, cin, 4))
+    got = conv2d(x, k, stride, pad, "patches")
+    want = conv2d_nhwc(np.asarray(x), np.asarray(k), stride, pad)
+    # float32 sums of <= 150 unit-normal products: ~1e-6 relative to their magnitude.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, got.shape)
+    dx, dk = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, stride, pad, "patches") * g), (0, 1))(x, k)
+    # dk sums b·oh·ow (<= 1,536) products per entry, magnitude ~40: float32 order ~1e-5.
+    want_dk = conv2d_nhwc_kernel_grad(np.asarray(x), np.asarray(g), k.shape, stride, pad)
+    np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5, atol=1e-4)
+    # dx against XLA's own convolution (independent of the im2col code).
+    dx_lax = jax.grad(lambda x: jnp.sum(conv2d(x, k, stride, pad, "lax") * g))(x)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_lax), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "resnet10"])

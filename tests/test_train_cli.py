@@ -12,8 +12,8 @@ import pytest
 from spmc_jax.train import main
 
 
-def _cli(*args, cwd=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _cli(*args, cwd=None, env=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "spmc_jax.train", *args],
         capture_output=True,
@@ -64,9 +64,9 @@ def test_dry_run_writes_plan(tmp_path, real_dataset):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def _train_rows(tmp_path, *args):
+def _train_rows(tmp_path, *args, env=None):
     """Run the CLI offline into `tmp_path`; (completed process, metrics.jsonl rows)."""
-    r = _cli(*args, "--no-fetch", "--out", str(tmp_path))
+    r = _cli(*args, "--no-fetch", "--out", str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return r, rows
@@ -75,12 +75,16 @@ def _train_rows(tmp_path, *args):
 @pytest.mark.slow
 def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     real_dataset("mnist")
+    cache = tmp_path.parent / f"{tmp_path.name}-xla"
     r, rows = _train_rows(
         tmp_path,
         *("--dataset", "mnist", "--subsample", "4000", "--clients", "4", "--rounds", "2"),
         *("--defense", "fedavg", "--local-epochs", "5", "--gamma", "0.25"),
         *("--partition", "iid", "--lr", "0.05"),  # IID + lr 0.05: learns within 2 short rounds
+        env={"JAX_COMPILATION_CACHE_DIR": str(cache)},
     )
+    # The CLI keeps a persistent compilation cache (the user's directory wins).
+    assert any(cache.iterdir())
     assert [x["round"] for x in rows] == [1, 2]
     for key in ("A", "R", "R_excl_target", "V", "seconds", "client_weights"):
         assert key in rows[-1]
@@ -92,6 +96,18 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     assert summary["environment"]["device"]["backend"] == "cpu"
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "round   2/2" in r.stdout
+
+
+def test_cli_compile_cache_defaults_to_the_data_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = "from spmc_jax.train import enable_cli_compile_cache as f; print(f())"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "spmc_jax" / "jax_cache")
+    assert (tmp_path / "spmc_jax" / "jax_cache").is_dir()
 
 
 @pytest.mark.slow

@@ -19,3 +19,22 @@ def conv2d_nhwc(x: np.ndarray, k: np.ndarray, stride: int, pad: int) -> np.ndarr
             win = x[:, yy * stride : yy * stride + kh, xx * stride : xx * stride + kw, :]
             out[:, yy, xx, :] = np.einsum("bijc,ijco->bo", win, k)
     return out
+
+
+def conv2d_nhwc_kernel_grad(
+    x: np.ndarray, g: np.ndarray, kshape: tuple[int, ...], stride: int, pad: int
+) -> np.ndarray:
+    """∂/∂k of Σ out·g for the convolution above: dk[i, j, c, o] =
+    Σ_{b,y,x} xpad[b, y·s + i, x·s + j, c] · g[b, y, x, o], in float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    g = np.asarray(g, np.float64)
+    kh, kw = kshape[0], kshape[1]
+    _, oh, ow, _ = g.shape
+    dk = np.zeros(kshape)
+    for i in range(kh):
+        for j in range(kw):
+            win = x[
+                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
+            ]
+            dk[i, j] = np.einsum("byxc,byxo->co", win, g)
+    return dk

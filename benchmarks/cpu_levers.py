@@ -1,0 +1,173 @@
+"""Issue 14's CPU levers on one client's local training, each variant timed in ONE process.
+
+Variants (each a fresh `Simulation` whose jitted `local_train` is traced under the setting):
+
+- `block-N` / `block-none`: `layers.IM2COL_BATCH_BLOCK` = N (the "patches" convolution over
+  blocks of N images, each block's im2col recomputed in the backward pass) or one block;
+- `no-crop`: the training transform without its random crop, at the default block: an upper
+  bound on what fusing the crop into conv1's im2col gather could save (the fused version
+  still has to gather the same pixels).
+
+All variants run A B C … A B C … `--repeats` times; per sample: steps/s (wall) and CPU ms per
+step (`time.process_time`, all threads), whose ratio to the first variant's is far less
+sensitive to other processes on a shared machine than wall time. The first variant's final
+weights are compared with every other's (max |diff|: float32 summation order, or the
+changed augmentation for `no-crop`).
+
+    python benchmarks/cpu_levers.py --defense fedavg --variants block-none block-8 block-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spmc_jax.client import ClientTask
+from spmc_jax.data import pipeline
+from spmc_jax.engine import first_block
+from spmc_jax.models import layers
+
+DEFENSES = ("fedavg", "spmc")
+
+
+def _no_crop(key: jax.Array, x: jax.Array, size: int = 32, pad: int = 4) -> jax.Array:
+    del key, size, pad
+    return x
+
+
+def _settings(name: str) -> dict[str, Any]:
+    """`block-N`, `block-none` or `no-crop` -> the module settings it traces under."""
+    default = layers.IM2COL_BATCH_BLOCK
+    if name == "no-crop":
+        return {"block": default, "crop": _no_crop}
+    if name.startswith("block-"):
+        v = name.removeprefix("block-")
+        if v == "none":
+            return {"block": None, "crop": pipeline.random_crop}
+        if v.isdigit() and int(v) > 0:
+            return {"block": int(v), "crop": pipeline.random_crop}
+    raise SystemExit(f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop")
+
+
+def build(defense: str, name: str, steps: int, batch_size: int):
+    """`(run, final_variables)` of the variant: `run()` = one jitted local training."""
+    rt = _round_throughput()
+    s = _settings(name)
+    saved = layers.IM2COL_BATCH_BLOCK, pipeline.random_crop
+    layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = s["block"], s["crop"]
+    try:
+        args = argparse.Namespace(
+            samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
+        )
+        sim = rt.bench_simulation(2, defense, args, conv_impl="patches", model="simple_cnn")
+        state = sim.init_state()
+        data = sim.data
+        train = first_block(data.train)
+        variables = sim.flat.unravel(state.global_flat)
+        teacher = jax.tree.map(lambda a: a * 1.01, variables)  # a teacher unlike the student
+        task = ClientTask(
+            data.idx[0], data.sizes[0], data.malicious[0], data.rank[0], jax.random.key(1)
+        )
+        local = jax.jit(sim.local_train)
+        on = jnp.asarray(True)
+
+        def run() -> Any:
+            return jax.block_until_ready(local(variables, teacher, train, task, on).variables)
+
+        out = run()  # traced and compiled here, under the variant's settings
+    finally:
+        layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = saved
+    return run, out
+
+
+def _round_throughput():
+    """benchmarks/round_throughput.py as a module (its synthetic `Simulation` builder)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_throughput.py")
+    spec = importlib.util.spec_from_file_location("bench_round_throughput", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _stats(xs: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "samples": xs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--defense", default="fedavg", choices=DEFENSES)
+    p.add_argument("--variants", nargs="+", default=["block-none", "block-8", "no-crop"])
+    p.add_argument("--steps", type=int, default=10, help="SGD steps per timed sample")
+    p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    for n in ("steps", "repeats", "batch_size"):
+        if getattr(args, n) < 1:
+            raise SystemExit(f"--{n.replace('_', '-')} {getattr(args, n)}; accepted: >= 1")
+    for v in args.variants:
+        _settings(v)
+    runs, outs = {}, {}
+    for v in args.variants:
+        runs[v], outs[v] = build(args.defense, v, args.steps, args.batch_size)
+    first = args.variants[0]
+    diff = {
+        v: max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(outs[first]), jax.tree.leaves(outs[v]), strict=True)
+        )
+        for v in args.variants
+    }
+    rate: dict[str, list[float]] = {v: [] for v in runs}
+    cpu: dict[str, list[float]] = {v: [] for v in runs}
+    for _ in range(args.repeats):
+        for v, run in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            run()
+            rate[v].append(args.steps / (time.perf_counter() - t0))
+            cpu[v].append(1000.0 * (time.process_time() - c0) / args.steps)
+    rows = []
+    for v in runs:
+        wall = [a / b for a, b in zip(rate[v], rate[first], strict=True)]
+        cpu_x = [b / a for a, b in zip(cpu[v], cpu[first], strict=True)]
+        rows.append(
+            {
+                "variant": v,
+                "steps_per_s": _stats(rate[v]),
+                "cpu_ms_per_step": _stats(cpu[v]),
+                # > 1: faster than the first variant in the same sample.
+                "wall_speedup": _stats(wall),
+                "cpu_speedup": _stats(cpu_x),
+                "max_abs_diff_vs_first": diff[v],
+            }
+        )
+        f = lambda s: f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+        r = rows[-1]
+        print(
+            f"{args.defense} {v:>10}: {f(r['steps_per_s'])} steps/s, CPU {f(r['cpu_ms_per_step'])}"
+            f" ms/step; vs {first}: wall {f(r['wall_speedup'])}, CPU {f(r['cpu_speedup'])}; "
+            f"max |diff| {diff[v]:.1e}",
+            flush=True,
+        )
+    load = os.getloadavg()
+    print(f"load {load[0]:.1f}")
+    if args.json:
+        _round_throughput().write_json(
+            args.json, {"args": vars(args), "loadavg": load, "rows": rows, "jax": jax.__version__}
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
