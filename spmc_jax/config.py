@@ -475,8 +475,19 @@ def _shape_only_envs(cfg: Config) -> tuple[Any, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference protocol (Table 2): everything at its defaults.
     "paper": {},
-    # A CPU-sized smoke configuration: few rounds, a data subset, few local epochs.
-    "smoke": {"rounds": 2, "subsample": 2000, "local_epochs": 1, "clients": 6},
+    # = the sweep's smoke preset (sweep.PRESETS["smoke"], tests check it): a CPU-sized run in
+    # which FedAvg's backdoor implants within 12 rounds (benchmarks/RESULTS.md, issue #17).
+    # Departures from the paper: a 6,000-image slice, the MLP, 12 rounds, 3 local epochs for
+    # every method (paper: 1 and 10 for SPMC); gamma 0.3 is the paper's other ratio.
+    "smoke": {
+        "dataset": "mnist",
+        "subsample": 6000,
+        "clients": 10,
+        "gamma": 0.3,
+        "rounds": 12,
+        "local_epochs": 3,
+        "model": "mlp",
+    },
     # A CPU-sized run in which FedAvg's backdoor implants (attack success >= 80 % excluding
     # target-class images by the last rounds), so a defense has something to remove; found
     # by measurement (benchmarks/RESULTS.md, "A CPU-sized demo"). Kept from the paper: MNIST,

@@ -142,3 +142,14 @@ def test_table_marks_cells_where_the_undefended_attack_did_not_implant():
     text = sweep.render_table(spec, no_fedavg, env={})
     assert not any("†" in c for cells_ in table_rows(text, "0.2").values() for c in cells_)
     assert "MNIST – (no FedAvg cell)" in text
+
+
+def test_train_smoke_preset_is_the_sweeps_implanting_smoke_config():
+    """`train --preset smoke` runs one cell of `sweep --preset smoke` (where FedAvg implants)."""
+    from spmc_jax import sweep
+
+    train_smoke = dict(PRESETS["smoke"])
+    sweep_smoke = sweep.PRESETS["smoke"]
+    assert train_smoke.pop("gamma") == sweep_smoke["grid"]["gammas"][0]
+    assert train_smoke.pop("dataset") == sweep_smoke["grid"]["datasets"][0]
+    assert train_smoke == sweep_smoke["config"]
