@@ -159,13 +159,7 @@ def torch_round(torch, sim: Simulation, defense: str, epochs: int, seed: int = 0
         g_g = [p.grad.clone() for p in params]
         opt.zero_grad()
         nn_f.cross_entropy(s, y).backward()
-        with torch.no_grad():
-            for p, gg in zip(params, g_g, strict=True):
-                gd = p.grad
-                dot = (gd * gg).sum()
-                norms = gg.norm() * gd.norm()
-                if norms > 0 and dot / norms < 0:
-                    gd.sub_((dot / (gg * gg).sum()) * gg)
+        vs.project_conflicting_(torch, params, g_g)
         opt.step()
 
     step = fedavg_step if defense == "fedavg" else spmc_step

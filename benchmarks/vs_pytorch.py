@@ -72,6 +72,21 @@ def import_torch():
     return torch
 
 
+def project_conflicting_(torch: Any, params: list, g_g: list) -> None:
+    """The reference's per-tensor projection, in place on `p.grad` (spmc_reference.md §3.2-3.3).
+
+    Where a tensor's data gradient conflicts with the guidance gradient (negative cosine), its
+    component along the guidance gradient is removed.
+    """
+    with torch.no_grad():
+        for p, gg in zip(params, g_g, strict=True):
+            gd = p.grad
+            dot = (gd * gg).sum()
+            norms = gg.norm() * gd.norm()
+            if norms > 0 and dot / norms < 0:
+                gd.sub_((dot / (gg * gg).sum()) * gg)
+
+
 def torch_simple_cnn(torch):
     """The reference's SimpleCNN (RF/Backbones/SimpleCNN.py, spmc_reference.md §1.3)."""
     nn = torch.nn
@@ -132,13 +147,7 @@ def torch_loop(torch, defense: str, batch_size: int, n_batches: int, seed: int =
         g_g = [p.grad.clone() for p in params]
         opt.zero_grad()
         ce(s, y).backward()
-        with torch.no_grad():
-            for p, gg in zip(params, g_g, strict=True):
-                gd = p.grad
-                dot = (gd * gg).sum()
-                nn_ = gg.norm() * gd.norm()
-                if nn_ > 0 and dot / nn_ < 0:
-                    gd.sub_((dot / (gg * gg).sum()) * gg)
+        project_conflicting_(torch, params, g_g)
         opt.step()
 
     step = fedavg_step if defense == "fedavg" else spmc_step
