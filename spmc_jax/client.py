@@ -460,9 +460,41 @@ def make_client_step(
             i, h = weight_hooks[0]
             assert h.sample_weights is not None
             wts = h.sample_weights(flags, hook_ctx(i)).astype(logits.dtype)
-            (g,) = vjp_fn((probs - onehot) * wts[:, None])
+            ct_data = (probs - onehot) * wts[:, None]
         else:
-            (g,) = vjp_fn((probs - onehot) / batch_size)
+            ct_data = (probs - onehot) / batch_size
+        g_guide = None
+        if spmc is None:
+            (g,) = vjp_fn(ct_data)
+        else:
+            # Teacher in train mode (BatchNorm on batch statistics), never updated.
+            t_logits, _ = forward(teacher, x)
+            t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
+            # Teacher == student (the first step of round 0, and of a client whose teacher is
+            # the global model): G_g is exactly 0 by the equations and nothing is projected.
+            # Separately compiled forward passes differ by rounding, and the scale-free
+            # projection would then project onto that noise. The reference does project
+            # there, on its own rounding noise (spmc_reference.md §3.3): a known divergence
+            # that no option reproduces (README, "Differences from the reference").
+            same = jnp.all(
+                jnp.stack(
+                    [
+                        jnp.array_equal(a, b)
+                        for a, b in zip(
+                            jax.tree.leaves(teacher["params"]),
+                            jax.tree.leaves(variables["params"]),
+                            strict=True,
+                        )
+                    ]
+                )
+            )
+            delta = jnp.where(same, 0.0, probs - t_probs)
+            # Both backward passes (data loss, guide loss) in one: the VJP vmapped over the
+            # two cotangents, so every weight-gradient matmul reads its activations once with
+            # twice the columns (issue 14; the same gradients up to float32 summation order).
+            (gs,) = jax.vmap(vjp_fn)(jnp.stack([ct_data, delta / batch_size]))
+            g = jax.tree.map(lambda a: a[0], gs)
+            g_guide = jax.tree.map(lambda a: a[1], gs)
         obj = None
         if obj_hooks:  # a hook's own objective (Chameleon) where it says so
             assert hook_inputs is not None
@@ -491,29 +523,7 @@ def make_client_step(
             from spmc_jax.spmc import project, project_stats
 
             lam = jnp.where(task.malicious, spmc.attacker_lam(), spmc.lam)
-            # Teacher in train mode (BatchNorm on batch statistics), never updated.
-            t_logits, _ = forward(teacher, x)
-            t_probs = jax.lax.stop_gradient(jax.nn.softmax(t_logits))
-            # Teacher == student (the first step of round 0, and of a client whose teacher is
-            # the global model): G_g is exactly 0 by the equations and nothing is projected.
-            # Separately compiled forward passes differ by rounding, and the scale-free
-            # projection would then project onto that noise. The reference does project
-            # there, on its own rounding noise (spmc_reference.md §3.3): a known divergence
-            # that no option reproduces (README, "Differences from the reference").
-            same = jnp.all(
-                jnp.stack(
-                    [
-                        jnp.array_equal(a, b)
-                        for a, b in zip(
-                            jax.tree.leaves(teacher["params"]),
-                            jax.tree.leaves(variables["params"]),
-                            strict=True,
-                        )
-                    ]
-                )
-            )
-            delta = jnp.where(same, 0.0, probs - t_probs)
-            (g_guide,) = vjp_fn(delta / batch_size)
+            assert g_guide is not None
             n_proj = project_stats(g, g_guide).astype(jnp.float32) * (lam != 0)
             g = project(g, g_guide, lam)
         for i, h in grad_hooks:

@@ -132,7 +132,7 @@ def test_optimizer_matches_pytorch_sgd_formula():
 
 def test_spmc_step_with_teacher_equal_to_student_projects_nothing():
     # At the first step of round 0 (student = teacher) G_g = 0 by the equations, so nothing
-    # is projected: the SPMC step must be the plain SGD step, bit for bit. (The reference
+    # is projected: the SPMC step must be the plain SGD step. (The reference
     # projects there on the rounding noise of its G_g, spmc_reference.md §3.3: a known,
     # unreproducible divergence. Two separately compiled forward passes differ by rounding;
     # projecting onto that noise changed 0-14 SimpleCNN tensors per step before the fix.)
@@ -152,8 +152,11 @@ def test_spmc_step_with_teacher_equal_to_student_projects_nothing():
         a = jax.jit(spmc)(variables, opt, variables, data, task, on, perm, k, 0)
         b = jax.jit(plain)(variables, opt, variables, data, task, on, perm, k, 0)
         assert float(a.projected) == 0.0
+        # SPMC computes G_d with G_g in one batched backward pass (issue 14), so the weights
+        # agree to float32 summation order (1 ulp: ~1e-7 relative); a projection onto the
+        # rounding noise would move whole tensors by far more.
         for x, y in zip(_leaves(a.variables), _leaves(b.variables), strict=True):
-            np.testing.assert_array_equal(x, y)
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
     # A different teacher still guides (the check is equality, not closeness).
     teacher = jax.tree.map(lambda v: v * 1.5, variables)
     hits = 0.0

@@ -65,8 +65,9 @@ def test_patch_conv_full_im2col_path_matches_float64_oracle(cin, stride, pad, ks
 
 @pytest.mark.parametrize("cin,stride,pad", [(3, 1, 0), (6, 2, 1)])
 def test_patch_conv_batch_blocks_match_float64_oracle(cin, stride, pad):
-    # 3 blocks of IM2COL_BATCH_BLOCK images: the blocked path (lax.map over the blocks, each
-    # block's im2col recomputed in the backward pass), for the full-im2col and row-wise convs.
+    # 3 blocks of IM2COL_BATCH_BLOCK images: the blocked full-im2col path (cin <= 3: lax.map
+    # over the blocks, each block's im2col recomputed in the backward pass), and the row-wise
+    # conv at the same batch (not blocked).
     assert IM2COL_BATCH_BLOCK is not None
     b = 3 * IM2COL_BATCH_BLOCK
     kx, kk, kg = jax.random.split(jax.random.key(3), 3)

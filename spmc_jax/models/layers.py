@@ -7,15 +7,15 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
 `conv_impl`:
   * "lax": `lax.conv_general_dilated` (fastest for one model on GPU).
   * "patches": row-wise im2col (the kw shifted column slices concatenated on the channel
-    axis), then one matmul per kernel row, summed, over blocks of `IM2COL_BATCH_BLOCK`
-    images. Numerically the same contraction (up to
+    axis), then one matmul per kernel row, summed. Numerically the same contraction (up to
     float32 summation order); under `vmap` over clients it lowers to batched matmuls instead
     of a grouped convolution, and XLA:CPU runs it inside `lax.scan` at full speed (its
     `lax.conv` runs ~10× slower in a while-loop body). Row-wise rather than full im2col:
     XLA:CPU copies a last-axis concatenate in C-element pieces, and the full kh·kw-way
     concatenate was the slowest op of the whole client step (benchmarks/RESULTS.md). Inputs
     of ≤ 3 channels (the RGB stem) take the full im2col instead, built by two stacks rather
-    than a concatenate: their row-wise matmuls (K = 15) were too thin (issue 14).
+    than a concatenate: their row-wise matmuls (K = 15) were too thin (issue 14); they run
+    over blocks of `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
 
 `max_pool` is reshape + max with a custom gradient that routes each window's gradient to
 its first maximum (row-major), exactly what `reduce_window`'s select-and-scatter and
@@ -34,10 +34,12 @@ import jax.numpy as jnp
 CONV_IMPLS = ("lax", "patches")
 # "patches" builds the full im2col (one matmul) when the input has at most this many channels.
 FULL_IM2COL_MAX_CIN = 3
-# "patches" convolves a batch this many images at a time (when it divides the batch), so one
-# block's im2col buffer (conv1 at batch 64: 15 MB whole, 1.9 MB per 8 images) stays in cache;
-# the backward pass recomputes each block's im2col instead of storing it. None: one block.
-# Issue 14: 1.22x [1.14, 1.37] less CPU time per FedAvg step (benchmarks/RESULTS.md).
+# A full-im2col convolution (input of <= FULL_IM2COL_MAX_CIN channels) runs over blocks of
+# this many images (when it divides the batch), so one block's buffer (conv1 at batch 64:
+# 15 MB whole, 1.9 MB per 8 images) stays in cache; the backward pass recomputes each block's
+# im2col instead of storing it. None: one block. Issue 14: 1.22x less CPU time per FedAvg
+# step. Row-wise convolutions are not blocked: their buffer is kw times smaller, and a
+# sequential loop of small matmuls made conv2 slower (1.2x faster steps without it).
 IM2COL_BATCH_BLOCK: int | None = 8
 
 
@@ -70,7 +72,8 @@ def conv2d(
     if impl != "patches":
         raise ValueError(f"conv_impl={impl!r}; accepted: {CONV_IMPLS}")
     b, blk = x.shape[0], IM2COL_BATCH_BLOCK
-    if blk is not None and b > blk and b % blk == 0:
+    full = x.shape[-1] <= FULL_IM2COL_MAX_CIN
+    if full and blk is not None and b > blk and b % blk == 0:
         one = jax.checkpoint(lambda xb: _patches_conv(xb, kernel, stride, padding))
         y = jax.lax.map(one, x.reshape(b // blk, blk, *x.shape[1:]))
         return y.reshape(b, *y.shape[2:])
