@@ -190,6 +190,26 @@ def engine_client(defense: str, steps: int, batch_size: int, conv_impl: str = "a
     return run, first, sim.conv_impl
 
 
+def engine_round(defense: str, steps: int, batch_size: int, clients: int, conv_impl: str = "auto"):
+    """`(run, first_call_s, conv_impl, devices)`: `run()` = one jitted engine round of
+    `clients` clients with `steps` SGD steps each (training and aggregation, as every round
+    runs), the clients sharded over all JAX devices (`--cpu-devices`: one client per core)."""
+    rt = _round_throughput()
+    args = argparse.Namespace(
+        samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
+    )
+    sim = rt.bench_simulation(clients, defense, args, conv_impl=conv_impl, model="simple_cnn")
+    state = sim.init_state()
+    r0 = jnp.asarray(0, jnp.int32)
+
+    def run() -> Any:
+        return jax.block_until_ready(sim.run_rounds(state, sim.data, 1, r0)[0].global_flat)
+
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0, sim.conv_impl, 1 if sim.mesh is None else sim.mesh.size
+
+
 def _stats(rates: list[float]) -> dict[str, Any]:
     return {
         "median": statistics.median(rates),
@@ -202,39 +222,54 @@ def _stats(rates: list[float]) -> dict[str, Any]:
 def bench(defense: str, args: argparse.Namespace, torch) -> dict[str, Any]:
     """Interleaved timing of one defense's step: engine, PyTorch at each thread count, again."""
     eng, first, impl = engine_client(defense, args.steps, args.batch_size, args.conv_impl)
+    engines = {"engine": (eng, args.steps)}
+    extra: dict[str, Any] = {}
+    if args.clients:
+        rnd, r_first, _, n_dev = engine_round(
+            defense, args.steps, args.batch_size, args.clients, args.conv_impl
+        )
+        engines["engine_round"] = (rnd, args.clients * args.steps)
+        extra = {"round_clients": args.clients, "round_devices": n_dev, "round_compile_s": r_first}
     pt = torch_loop(torch, defense, args.batch_size, n_batches=min(args.steps, 8))
     for th in args.threads:  # warm-up (oneDNN primitive caches, thread pools)
         torch.set_num_threads(th)
         pt(2)
     eng()
-    rates: dict[str, list[float]] = {"engine": []} | {f"pytorch_{th}t": [] for th in args.threads}
-    ratios: dict[str, list[float]] = {f"pytorch_{th}t": [] for th in args.threads}
-    best: list[float] = []
+    names = [f"pytorch_{th}t" for th in args.threads]
+    rates: dict[str, list[float]] = {n: [] for n in [*engines, *names]}
+    ratios = {e: {n: [] for n in names} for e in engines}
+    best: dict[str, list[float]] = {e: [] for e in engines}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        eng()
-        e = args.steps / (time.perf_counter() - t0)
-        rates["engine"].append(e)
-        for th in args.threads:
+        for e, (fn, n_steps) in engines.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[e].append(n_steps / (time.perf_counter() - t0))
+        for th, n in zip(args.threads, names, strict=True):
             torch.set_num_threads(th)
             t0 = time.perf_counter()
             pt(args.steps)
-            t = args.steps / (time.perf_counter() - t0)
-            rates[f"pytorch_{th}t"].append(t)
-            ratios[f"pytorch_{th}t"].append(e / t)
-        best.append(min(ratios[f"pytorch_{th}t"][-1] for th in args.threads))
-    return {
+            rates[n].append(args.steps / (time.perf_counter() - t0))
+        for e in engines:
+            for n in names:
+                ratios[e][n].append(rates[e][-1] / rates[n][-1])
+            best[e].append(min(ratios[e][n][-1] for n in names))
+    out = {
         "defense": defense,
         "steps_per_sample": args.steps,
         "batch_size": args.batch_size,
         "conv_impl": impl,
         "engine_compile_s": first,
+        **extra,
         **{name: _stats(r) for name, r in rates.items()},
         # ratio = engine steps/s over PyTorch steps/s of the same sample (> 1: engine faster).
-        "ratio": {name: _stats(r) for name, r in ratios.items()},
-        "ratio_vs_best_pytorch": _stats(best),
+        "ratio": {name: _stats(r) for name, r in ratios["engine"].items()},
+        "ratio_vs_best_pytorch": _stats(best["engine"]),
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    if "engine_round" in engines:
+        out["round_ratio"] = {name: _stats(r) for name, r in ratios["engine_round"].items()}
+        out["round_ratio_vs_best_pytorch"] = _stats(best["engine_round"])
+    return out
 
 
 def _fmt(st: dict[str, Any], digits: int = 1) -> str:
@@ -278,6 +313,20 @@ def main(argv: list[str] | None = None) -> int:
         "the fastest of them per sample is `ratio_vs_best_pytorch`)",
     )
     p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "patches"))
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="also time the engine's jitted round of this many clients (client-steps/s, "
+        "training + aggregation; clients sharded over the JAX devices); 0: off",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="split the CPU into N JAX devices (one client per core for --clients); PyTorch "
+        "is unaffected",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     for name in ("steps", "repeats", "batch_size"):
@@ -285,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}; accepted: >= 1")
     if min(args.threads) < 1:
         raise SystemExit(f"--threads {args.threads}; accepted: integers >= 1")
+    if args.clients < 0:
+        raise SystemExit(f"--clients {args.clients}; accepted: 0 (off) or >= 1")
+    if args.cpu_devices is not None:
+        from spmc_jax.sharding import set_cpu_devices
+
+        set_cpu_devices(args.cpu_devices)  # before the first backend use below
     torch = import_torch()
     env = environment(torch, args.threads)
     print(
@@ -302,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             n = f"pytorch_{th}t"
             parts.append(f"pytorch {th} thr {_fmt(r[n])} (ratio {_fmt(r['ratio'][n], 2)})")
         parts.append(f"ratio vs best pytorch {_fmt(r['ratio_vs_best_pytorch'], 2)}")
+        if "engine_round" in r:
+            parts.append(
+                f"engine round ({r['round_clients']} clients on {r['round_devices']} "
+                f"device(s)) {_fmt(r['engine_round'])} client-steps/s, ratio vs best pytorch "
+                f"{_fmt(r['round_ratio_vs_best_pytorch'], 2)}"
+            )
         print(
             "; ".join(parts) + f" [compile {r['engine_compile_s']:.1f} s, {r['conv_impl']}]",
             flush=True,

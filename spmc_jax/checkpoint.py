@@ -167,6 +167,11 @@ def check_resume(
                 f"{sorted(ROUNDS_DEPENDENT_DEFENSES)} it may change only while no completed "
                 "round is either count's last round)"
             )
+        if "client_devices" in diff:
+            hint += (
+                f" (on CPU, --cpu-devices {meta.get('client_devices')} restores the checkpoint's "
+                "split; the command line otherwise uses one device per core)"
+            )
         raise ValueError(
             f"cannot resume after round {done}: the checkpointed run differs in what changes "
             f"the numbers: {items}{hint}"

@@ -86,7 +86,7 @@ def test_vs_pytorch_tiny(tmp_path):
     # The PyTorch contender is the reference's SimpleCNN (92,626 parameters, §1.3).
     assert sum(p.numel() for p in mod.torch_simple_cnn(torch).parameters()) == 92_626
     out = tmp_path / "v.json"
-    argv = "--defense fedavg --steps 1 --repeats 2 --threads 1 --batch-size 8"
+    argv = "--defense fedavg --steps 1 --repeats 2 --threads 1 --batch-size 8 --clients 2"
     assert mod.main([*argv.split(), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
@@ -97,6 +97,11 @@ def test_vs_pytorch_tiny(tmp_path):
     for e, t, r in zip(eng["samples"], pt["samples"], ratios, strict=True):
         assert e > 0 and t > 0 and math.isclose(r, e / t, rel_tol=1e-9)
     assert row["ratio_vs_best_pytorch"]["samples"] == row["ratio"]["pytorch_1t"]["samples"]
+    # The engine's round of 2 clients: client-steps/s against the same PyTorch samples.
+    assert row["round_clients"] == 2 and row["round_devices"] >= 1
+    rnd, rr = row["engine_round"]["samples"], row["round_ratio"]["pytorch_1t"]["samples"]
+    for e, t, r in zip(rnd, pt["samples"], rr, strict=True):
+        assert e > 0 and math.isclose(r, e / t, rel_tol=1e-9)
     assert res["environment"]["torch_threads"] == [1] and res["environment"]["torch"]
 
 

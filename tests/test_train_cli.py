@@ -94,6 +94,11 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     assert summary["learned"] is True  # A > 30 % is far above chance (10 %)
     assert summary["config"]["defense"] == "fedavg"
     assert summary["environment"]["device"]["backend"] == "cpu"
+    # The command line splits the CPU into one device per core, and the 4 clients train
+    # sharded over them (issue 14): 2 devices on a 2-core machine, 1 on one core.
+    cores = len(os.sched_getaffinity(0))
+    assert summary["environment"]["device"]["device_count"] == cores
+    assert summary["client_devices"] == max(d for d in range(1, min(cores, 4) + 1) if 4 % d == 0)
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "round   2/2" in r.stdout
 
@@ -126,3 +131,22 @@ def test_two_round_spmc_run_reports_alpha(tmp_path, real_dataset):
     assert max(rows[-1]["projected"]) > 0  # the client-side projection ran
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["derived"]["defense_options"]["space"] == "weights"
+
+
+def test_default_cpu_devices_rules(monkeypatch):
+    # One device per allowed core from the command line, except where a split cannot apply.
+    from spmc_jax.train import default_cpu_devices, parse_args
+
+    for v in ("SPMC_COORDINATOR", "SPMC_NUM_PROCESSES", "SPMC_DISTRIBUTED", "JAX_PLATFORMS"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)
+    assert default_cpu_devices(parse_args([])) == 3
+    assert default_cpu_devices(parse_args(["--devices", "1"])) is None
+    assert default_cpu_devices(parse_args(["--stream-aggregation"])) is None
+    assert default_cpu_devices(parse_args(["--num-processes", "2"])) is None
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert default_cpu_devices(parse_args([])) is None
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert default_cpu_devices(parse_args([])) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert default_cpu_devices(parse_args([])) is None
