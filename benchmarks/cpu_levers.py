@@ -2,8 +2,8 @@
 
 Variants (each a fresh `Simulation` whose jitted `local_train` is traced under the setting):
 
-- `block-N` / `block-none`: `layers.IM2COL_BATCH_BLOCK` = N (the "patches" convolution over
-  blocks of N images, each block's im2col recomputed in the backward pass) or one block;
+- `block-N` / `block-none`: `layers.IM2COL_BATCH_BLOCK` = N (the full-im2col stem convolution
+  over blocks of N images, each block's im2col recomputed in the backward pass) or one block;
 - `no-crop`: the training transform without its random crop, at the default block: an upper
   bound on what fusing the crop into conv1's im2col gather could save (the fused version
   still has to gather the same pixels).

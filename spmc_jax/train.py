@@ -314,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=(
             "split the host CPU into N JAX devices (jax_num_cpu_devices) so clients train on "
-            "them in parallel under --devices; CPU backend only. Default from the command "
-            "line: one device per allowed core (under --devices auto, without "
-            "--stream-aggregation or multi-host); 1 keeps one device"
+            "them in parallel under --devices; CPU backend only; 1 keeps one device (default: "
+            "one per allowed core from the command line, under --devices auto without "
+            "--stream-aggregation or multi-host; one device for in-process train.main)"
         ),
     )
     e.add_argument(
