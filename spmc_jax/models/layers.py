@@ -13,9 +13,9 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
     `lax.conv` runs ~10× slower in a while-loop body). Row-wise rather than full im2col:
     XLA:CPU copies a last-axis concatenate in C-element pieces, and the full kh·kw-way
     concatenate was the slowest op of the whole client step (benchmarks/RESULTS.md). Inputs
-    of ≤ 3 channels (the RGB stem) take the full im2col instead, built by two stacks rather
-    than a concatenate: their row-wise matmuls (K = 15) were too thin (issue 14); they run
-    over blocks of `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
+    of ≤ 3 channels (the RGB stem) take the full im2col instead, built channel-first by one
+    stack of the kh·kw windows: their row-wise matmuls (K = 15) were too thin (issue 14); they
+    run over blocks of `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
 
 `max_pool` is reshape + max with a custom gradient that routes each window's gradient to
 its first maximum (row-major), exactly what `reduce_window`'s select-and-scatter and
@@ -93,13 +93,22 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
     # on a new axis and reshaped rather than concatenated on the last axis: the same values in
     # the same order, ~10 % faster on XLA:CPU (benchmarks/RESULTS.md, issue 14).
     b = x.shape[0]
-    cols = jnp.stack([x[:, :, j : j + span_w : stride, :] for j in range(kw)], axis=-2)
-    cols = cols.reshape(b, h, ow, kw * cin)
     if cin <= FULL_IM2COL_MAX_CIN:
         # Few input channels (the RGB stem): a K = kw·cin matmul per kernel row is too thin;
-        # one full-im2col matmul (K = kh·kw·cin, (kh, kw, cin) order) is faster.
-        rows = jnp.stack([cols[:, i : i + span_h : stride] for i in range(kh)], axis=-2)
-        return rows.reshape(b, oh, ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+        # one full-im2col matmul (K = cin·kh·kw, PyTorch's order) is faster. Built channel-
+        # first, (K, B·oh·ow): each of the kh·kw windows is copied as whole rows of one
+        # channel, not in cin-float pieces (1.13-1.22x faster FedAvg steps, issue 14).
+        xc = jnp.transpose(x, (3, 0, 1, 2))
+        windows = [
+            xc[:, :, i : i + span_h : stride, j : j + span_w : stride]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        cols_t = jnp.stack(windows, axis=1).reshape(cin * kh * kw, b * oh * ow)
+        k_t = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(cout, cin * kh * kw)
+        return (k_t @ cols_t).reshape(cout, b, oh, ow).transpose(1, 2, 3, 0)
+    cols = jnp.stack([x[:, :, j : j + span_w : stride, :] for j in range(kw)], axis=-2)
+    cols = cols.reshape(b, h, ow, kw * cin)
     out = None
     for i in range(kh):
         term = cols[:, i : i + span_h : stride] @ kernel[i].reshape(kw * cin, cout)
