@@ -20,7 +20,6 @@ changed augmentation for `no-crop`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -31,6 +30,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling benchmarks
+
+import round_throughput
 
 from spmc_jax.client import ClientTask
 from spmc_jax.data import pipeline
@@ -61,7 +63,6 @@ def _settings(name: str) -> dict[str, Any]:
 
 def build(defense: str, name: str, steps: int, batch_size: int):
     """`(run, final_variables)` of the variant: `run()` = one jitted local training."""
-    rt = _round_throughput()
     s = _settings(name)
     saved = layers.IM2COL_BATCH_BLOCK, pipeline.random_crop
     layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = s["block"], s["crop"]
@@ -69,7 +70,9 @@ def build(defense: str, name: str, steps: int, batch_size: int):
         args = argparse.Namespace(
             samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
         )
-        sim = rt.bench_simulation(2, defense, args, conv_impl="patches", model="simple_cnn")
+        sim = round_throughput.bench_simulation(
+            2, defense, args, conv_impl="patches", model="simple_cnn"
+        )
         state = sim.init_state()
         data = sim.data
         train = first_block(data.train)
@@ -88,16 +91,6 @@ def build(defense: str, name: str, steps: int, batch_size: int):
     finally:
         layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = saved
     return run, out
-
-
-def _round_throughput():
-    """benchmarks/round_throughput.py as a module (its synthetic `Simulation` builder)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_throughput.py")
-    spec = importlib.util.spec_from_file_location("bench_round_throughput", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _stats(xs: list[float]) -> dict[str, Any]:
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"load {load[0]:.1f}")
     if args.json:
-        _round_throughput().write_json(
+        round_throughput.write_json(
             args.json, {"args": vars(args), "loadavg": load, "rows": rows, "jax": jax.__version__}
         )
     return 0

@@ -38,7 +38,6 @@ fetch mnist`), or `--synthetic N` (N synthetic MNIST-kind images, for smoke test
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -50,6 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling benchmarks
+
+import round_throughput
+import vs_pytorch
 
 from spmc_jax.config import Config
 from spmc_jax.data.pipeline import pil_bilinear_resize
@@ -58,16 +61,6 @@ from spmc_jax.engine import Simulation, make_plan
 
 DEFENSES = ("fedavg", "spmc")
 PAPER_EPOCHS = {"fedavg": 1, "spmc": 10}  # spmc_reference.md §1.4
-
-
-def _bench_module(name: str):
-    """A sibling benchmark script as a module."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def build_simulation(defense: str, args: argparse.Namespace, ds: Any) -> Simulation:
@@ -105,11 +98,10 @@ def engine_round(sim: Simulation):
 
 def torch_round(torch, sim: Simulation, defense: str, epochs: int, seed: int = 0):
     """`run()` = one reference-shaped PyTorch round over `sim`'s clients and images."""
-    vs = _bench_module("vs_pytorch")
     nn_f = torch.nn.functional
     torch.manual_seed(seed)
-    model = vs.torch_simple_cnn(torch)
-    teacher = vs.torch_simple_cnn(torch)
+    model = vs_pytorch.torch_simple_cnn(torch)
+    teacher = vs_pytorch.torch_simple_cnn(torch)
     global_sd = {k: v.clone() for k, v in model.state_dict().items()}
     # Per-client teachers (the marginal models of §3.1), here the global model perturbed:
     # a different network than the student, as in every round after the first.
@@ -159,7 +151,7 @@ def torch_round(torch, sim: Simulation, defense: str, epochs: int, seed: int = 0
         g_g = [p.grad.clone() for p in params]
         opt.zero_grad()
         nn_f.cross_entropy(s, y).backward()
-        vs.project_conflicting_(torch, params, g_g)
+        vs_pytorch.project_conflicting_(torch, params, g_g)
         opt.step()
 
     step = fedavg_step if defense == "fedavg" else spmc_step
@@ -303,15 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--threads {args.threads}; accepted: integers >= 1")
     if args.spmc_epochs > PAPER_EPOCHS["spmc"]:
         raise SystemExit(f"--spmc-epochs {args.spmc_epochs}; accepted: 1..{PAPER_EPOCHS['spmc']}")
-    vs = _bench_module("vs_pytorch")
-    torch = vs.import_torch()
+    torch = vs_pytorch.import_torch()
     if args.synthetic is not None:
-        ds = _bench_module("round_throughput").synthetic_dataset(args.synthetic)
+        ds = round_throughput.synthetic_dataset(args.synthetic)
     else:
         from spmc_jax.data import load_dataset
 
         ds = load_dataset("mnist", fetch=False)
-    env = vs.environment(torch, args.threads)
+    env = vs_pytorch.environment(torch, args.threads)
     print(
         f"jax {env['jax']} on {env['backend']}, torch {env['torch']} threads {args.threads}; "
         f"{env['cores_allowed']} cores allowed of {env['cpu_count']}; load {env['loadavg']}",
@@ -332,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.json:
-        _bench_module("round_throughput").write_json(
+        round_throughput.write_json(
             args.json, {"environment": env, "args": vars(args), "rows": rows}
         )
     return 0

@@ -30,7 +30,6 @@ time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -42,21 +41,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling benchmarks
+
+import round_throughput
 
 from spmc_jax.client import ClientTask
 from spmc_jax.engine import first_block
 
 DEFENSES = ("fedavg", "spmc")
-
-
-def _round_throughput():
-    """benchmarks/round_throughput.py as a module (its synthetic `Simulation` builder)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_throughput.py")
-    spec = importlib.util.spec_from_file_location("bench_round_throughput", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def import_torch():
@@ -162,11 +154,12 @@ def torch_loop(torch, defense: str, batch_size: int, n_batches: int, seed: int =
 def engine_client(defense: str, steps: int, batch_size: int, conv_impl: str = "auto"):
     """`(run, first_call_s, conv_impl)`: `run()` = one client's jitted local training of
     `steps` SGD steps (1 local epoch of `steps` full batches) in a real `Simulation`."""
-    rt = _round_throughput()
     args = argparse.Namespace(
         samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
     )
-    sim = rt.bench_simulation(2, defense, args, conv_impl=conv_impl, model="simple_cnn")
+    sim = round_throughput.bench_simulation(
+        2, defense, args, conv_impl=conv_impl, model="simple_cnn"
+    )
     state = sim.init_state()
     data = sim.data
     train = first_block(data.train)
@@ -194,11 +187,12 @@ def engine_round(defense: str, steps: int, batch_size: int, clients: int, conv_i
     """`(run, first_call_s, conv_impl, devices)`: `run()` = one jitted engine round of
     `clients` clients with `steps` SGD steps each (training and aggregation, as every round
     runs), the clients sharded over all JAX devices (`--cpu-devices`: one client per core)."""
-    rt = _round_throughput()
     args = argparse.Namespace(
         samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
     )
-    sim = rt.bench_simulation(clients, defense, args, conv_impl=conv_impl, model="simple_cnn")
+    sim = round_throughput.bench_simulation(
+        clients, defense, args, conv_impl=conv_impl, model="simple_cnn"
+    )
     state = sim.init_state()
     r0 = jnp.asarray(0, jnp.int32)
 
@@ -368,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.json:
-        _round_throughput().write_json(
+        round_throughput.write_json(
             args.json, {"environment": env, "args": vars(args), "rows": rows}
         )
     return 0
