@@ -50,9 +50,13 @@ def test_patch_conv_equals_xla_conv(stride, pad, ksize):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cin,stride,pad,ksize", [(3, 1, 0, 5), (3, 2, 1, 3), (1, 2, 2, 5)])
+@pytest.mark.parametrize(
+    "cin,stride,pad,ksize", [(3, 1, 0, 5), (3, 1, 1, 3), (1, 1, 2, 5), (3, 2, 1, 3), (1, 2, 2, 5)]
+)
 def test_patch_conv_full_im2col_path_matches_float64_oracle(cin, stride, pad, ksize):
-    # cin <= FULL_IM2COL_MAX_CIN takes the one-matmul full-im2col branch of "patches".
+    # cin <= FULL_IM2COL_MAX_CIN takes the one-matmul full-im2col branch of "patches": at
+    # stride 1 from flat contiguous slices on an input-wide output grid (the discarded
+    # columns, padding included, must not leak into the result), else from strided windows.
     assert cin <= FULL_IM2COL_MAX_CIN
     kx, kk = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, (2, 11, 13, cin))

@@ -13,9 +13,10 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
     `lax.conv` runs ~10× slower in a while-loop body). Row-wise rather than full im2col:
     XLA:CPU copies a last-axis concatenate in C-element pieces, and the full kh·kw-way
     concatenate was the slowest op of the whole client step (benchmarks/RESULTS.md). Inputs
-    of ≤ 3 channels (the RGB stem) take the full im2col instead, built channel-first by one
-    stack of the kh·kw windows: their row-wise matmuls (K = 15) were too thin (issue 14); they
-    run over blocks of `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
+    of ≤ 3 channels (the RGB stem) take the full im2col instead, built channel-first (at
+    stride 1 from contiguous slices of the flattened images, `_flat_stem_conv`): their
+    row-wise matmuls (K = 15) were too thin (issue 14); they run over blocks of
+    `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
 
 `max_pool` is reshape + max with a custom gradient that routes each window's gradient to
 its first maximum (row-major), exactly what `reduce_window`'s select-and-scatter and
@@ -96,16 +97,18 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
     if cin <= FULL_IM2COL_MAX_CIN:
         # Few input channels (the RGB stem): a K = kw·cin matmul per kernel row is too thin;
         # one full-im2col matmul (K = cin·kh·kw, PyTorch's order) is faster. Built channel-
-        # first, (K, B·oh·ow): each of the kh·kw windows is copied as whole rows of one
-        # channel, not in cin-float pieces (1.13-1.22x faster FedAvg steps, issue 14).
+        # first, (K, pixels), so each window is copied as whole rows of one channel, not in
+        # cin-float pieces (1.13-1.22x faster FedAvg steps, issue 14).
         xc = jnp.transpose(x, (3, 0, 1, 2))
+        k_t = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(cout, cin * kh * kw)
+        if stride == 1:
+            return _flat_stem_conv(xc, k_t, kh, kw)
         windows = [
             xc[:, :, i : i + span_h : stride, j : j + span_w : stride]
             for i in range(kh)
             for j in range(kw)
         ]
         cols_t = jnp.stack(windows, axis=1).reshape(cin * kh * kw, b * oh * ow)
-        k_t = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(cout, cin * kh * kw)
         return (k_t @ cols_t).reshape(cout, b, oh, ow).transpose(1, 2, 3, 0)
     cols = jnp.stack([x[:, :, j : j + span_w : stride, :] for j in range(kw)], axis=-2)
     cols = cols.reshape(b, h, ow, kw * cin)
@@ -115,6 +118,29 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
         out = term if out is None else out + term
     assert out is not None
     return out
+
+
+def _flat_stem_conv(xc: jax.Array, k_t: jax.Array, kh: int, kw: int) -> jax.Array:
+    """Stride-1 full-im2col convolution of channel-first ``xc`` (C, B, h, w) -> NHWC.
+
+    With each image flattened to h·w pixels, window (i, j) of output pixel (r, c) is pixel
+    ``(r·w + c) + (i·w + j)``: on an output grid as wide as the input (c < w, the last
+    w − ow columns are discarded), every window is one contiguous slice of the flat image.
+    The kh·kw slices are taken as a kw-way stack (shifts of the whole image) and a kh-way
+    stack of row offsets of those: XLA:CPU turns one kh·kw-way stack into as many separate
+    copies (1.7x faster conv1 forward + kernel gradient than the 25-window stack, issue 14). The
+    discarded columns cost (w − ow)/ow more matmul work and add exact zeros to the kernel
+    gradient.
+    """
+    cin, b, h, w = xc.shape
+    cout = k_t.shape[0]
+    oh, ow = h - kh + 1, w - kw + 1
+    # kw - 1 zeros after the last pixel: only discarded columns of the last rows read them.
+    flat = jnp.pad(xc.reshape(cin, b, h * w), ((0, 0), (0, 0), (0, kw - 1)))
+    shifted = jnp.stack([flat[:, :, j : j + h * w] for j in range(kw)], axis=1)
+    cols = jnp.stack([shifted[..., i * w : (i + oh) * w] for i in range(kh)], axis=1)
+    y = k_t @ cols.reshape(cin * kh * kw, b * oh * w)  # K in (cin, kh, kw) order
+    return y.reshape(cout, b, oh, w)[..., :ow].transpose(1, 2, 3, 0)
 
 
 class Conv(nn.Module):
