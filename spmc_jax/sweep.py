@@ -26,6 +26,8 @@ A sweep is a grid of cells (dataset × defense × γ × seed, under one protocol
                  repeated sweeps load the compiled program instead of recompiling it
 
 Presets are data (`PRESETS`): a grid plus `Config` overrides; command-line flags override them.
+On CPU the command line splits the host into one JAX device per allowed core (`--cpu-devices`),
+so each cell's clients train one per core, as `python -m spmc_jax.train` does.
 """
 
 from __future__ import annotations
@@ -726,6 +728,7 @@ def run_cell(
         n_train_full, n_test_full,
     )  # fmt: skip
     summary["cell_batch"] = [cell.id]  # the cells of its program: itself alone
+    summary["client_devices"] = client_devices  # devices the clients were sharded over
     _write_atomic(summary_path, json.dumps(summary, indent=1))
     return summary
 
@@ -891,6 +894,7 @@ def run_cell_batch(
             timing, test_subsample, n_train_full, n_test_full,
         )  # fmt: skip
         summary["cell_batch"] = [c.id for c in cells]
+        summary["client_devices"] = 1  # a batch runs on one device
         _write_atomic(paths[f][1], json.dumps(summary, indent=1))
         summaries.append(summary)
     return summaries
@@ -1577,6 +1581,16 @@ def build_parser() -> argparse.ArgumentParser:
         "on an accelerator, 1 on CPU (no faster there once compiled); 1 = one by one",
     )
     p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the host CPU into N JAX devices so each cell's clients train on them in "
+        "parallel (as spmc_jax.train --cpu-devices); 1 keeps one device (default: one per "
+        "allowed core from the command line unless --cell-batch is above 1, whose batches "
+        "run on one device)",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         metavar="SECONDS",
@@ -1608,6 +1622,24 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     if values is None:
         return None
     return [v for item in values for v in item.split(",") if v]
+
+
+def _apply_cpu_devices(n: int | None, cell_batch: int | None, *, cli: bool) -> None:
+    """Set the CPU split (`--cpu-devices`), or from the command line its default: one device
+    per allowed core (`sharding.default_cpu_device_count`), so each cell's clients train one
+    per core, except with --cell-batch above 1 (a batch runs on one device)."""
+    from spmc_jax.sharding import default_cpu_device_count, set_cpu_devices
+
+    batched = cell_batch is not None and cell_batch > 1
+    if n is not None and n > 1 and batched:
+        raise ValueError(
+            f"--cpu-devices {n} with --cell-batch {cell_batch}: a cell batch runs on one "
+            "device; accepted: --cpu-devices 1, or --cell-batch 1 or auto"
+        )
+    if n is None and cli and not batched:
+        n = default_cpu_device_count()
+    if n is not None:
+        set_cpu_devices(n)
 
 
 def _count(flag: str, value: str | None) -> int | str | None:
@@ -1671,8 +1703,12 @@ def main(
     argv: list[str] | None = None,
     dataset_loader: DatasetLoader | None = None,
     jax_cache: bool = True,
+    *,
+    cli: bool = False,
 ) -> int:
-    """The CLI. `dataset_loader` replaces the dataset loading (tests); returns the exit code."""
+    """The CLI. `dataset_loader` replaces the dataset loading (tests); `cli=True` (the
+    `python -m` entry point) also applies the command line's CPU split (`--cpu-devices`'s
+    default), which must precede the backend's start; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.list_presets:
         print(list_presets())
@@ -1682,6 +1718,7 @@ def main(
     try:
         spec = spec_from_args(args)
         cell_batch = _cell_batch(args.cell_batch)
+        _apply_cpu_devices(args.cpu_devices, cell_batch, cli=cli)
         if args.time_limit is not None and not args.time_limit > 0:
             raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.checkpoint_every < 0:
@@ -1716,4 +1753,4 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cli=True))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -705,28 +704,21 @@ def plot_curves(
 
 def default_cpu_devices(args: argparse.Namespace) -> int | None:
     """The CPU split of a command-line run that gives no --cpu-devices: one JAX device per
-    allowed core, so clients train one per core (issue 14: a paper-protocol MNIST round
-    1.5x (FedAvg) and 1.6x (SPMC) faster on 2 cores than one device whose ops use both).
+    allowed core (`sharding.default_cpu_device_count`), so clients train one per core.
 
-    None (one device, as before) where a split would not apply or would clash: one core,
-    --devices other than auto, --stream-aggregation (one device only), a multi-host run, or
+    None (one device, as before) where a split would not apply or would clash: --devices
+    other than auto, --stream-aggregation (one device only), a multi-host run, one core, or
     JAX_PLATFORMS without cpu. Only the `python -m spmc_jax.train` entry point applies it:
     `jax_num_cpu_devices` must be set before the backend starts, so in-process callers
     (tests, notebooks) keep the devices they have.
     """
+    from spmc_jax.sharding import default_cpu_device_count
+
     if args.devices != "auto" or args.stream_aggregation:
         return None
     if args.coordinator or args.num_processes is not None or args.process_id is not None:
         return None
-    if any(os.environ.get(v) for v in ("SPMC_COORDINATOR", "SPMC_NUM_PROCESSES")):
-        return None
-    if os.environ.get("SPMC_DISTRIBUTED", "").lower() == "auto":
-        return None
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and "cpu" not in platforms.lower().split(","):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores if cores and cores > 1 else None
+    return default_cpu_device_count()
 
 
 def main(argv: list[str] | None = None, *, cli: bool = False) -> int:

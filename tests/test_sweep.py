@@ -214,6 +214,10 @@ def test_resuming_with_another_configuration_is_refused(swept, tmp_path, capsys)
         (["--preset", "smoke", "--gammas", "1.5"], "--gamma must be in [0, 1)"),
         (["--preset", "smoke", "--subsample", "lots"], "integer or 'full'"),
         (["--preset", "smoke", "--test-subsample", "5"], "--test-subsample must be >= 10"),
+        (["--preset", "smoke", "--cpu-devices", "0"], "--cpu-devices must be >= 1, got 0"),
+        (["--preset", "smoke", "--cpu-devices", "2", "--cell-batch", "4"],
+         "--cpu-devices 2 with --cell-batch 4: a cell batch runs on one device; accepted: "
+         "--cpu-devices 1, or --cell-batch 1 or auto"),
     ],
 )  # fmt: skip
 def test_bad_input_fails_before_any_compute(args, needle, tmp_path, capsys):
@@ -221,6 +225,24 @@ def test_bad_input_fails_before_any_compute(args, needle, tmp_path, capsys):
     assert sweep.main([*args, "--out", str(out)], dataset_loader=_never_load) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cpu_split_default_applies_from_the_command_line_only(monkeypatch):
+    # One device per allowed core from `python -m spmc_jax.sweep` (each cell's clients then
+    # train one per core), unless asked otherwise or batched (a batch runs on one device).
+    import spmc_jax.sharding as sharding_lib
+
+    calls: list[int] = []
+    monkeypatch.setattr(sharding_lib, "set_cpu_devices", calls.append)
+    monkeypatch.setattr(sharding_lib, "default_cpu_device_count", lambda: 3)
+    sweep._apply_cpu_devices(None, None, cli=True)  # --cell-batch auto: 1 on CPU
+    sweep._apply_cpu_devices(None, 1, cli=True)
+    sweep._apply_cpu_devices(None, 4, cli=True)  # batched: no split
+    sweep._apply_cpu_devices(None, None, cli=False)  # in-process: keep the devices
+    sweep._apply_cpu_devices(1, None, cli=True)  # the opt-out
+    sweep._apply_cpu_devices(2, None, cli=False)
+    sweep._apply_cpu_devices(1, 4, cli=True)
+    assert calls == [3, 3, 1, 2, 1]
 
 
 def test_presets_and_overrides():
@@ -347,7 +369,12 @@ def test_smoke_preset_end_to_end_on_real_mnist(tmp_path, real_dataset):
     assert "MNIST yes (R excl. target" in text and "†" not in table_rows(text, "0.3")["FedAvg"][0]
     assert "stratified subsample of 60,000" in text
     assert (out / "curves.png").stat().st_size > 10_000
+    # The command line splits the CPU into one device per core, and each cell's 10 clients
+    # train sharded over them (issue 14): 2 devices on a 2-core machine, 1 on one core.
+    cores = len(os.sched_getaffinity(0))
+    assert summary["client_devices"] == max(d for d in range(1, min(cores, 10) + 1) if 10 % d == 0)
     record = json.loads((out / "sweep.json").read_text())
+    assert record["environment"]["device"]["device_count"] == cores
     # The persistent compilation cache is on and was written.
     assert record["jax_cache_used"] is True and any((out / ".jax_cache").iterdir())
     # A second run finds every cell finished and computes nothing.
