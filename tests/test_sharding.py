@@ -20,10 +20,6 @@ import pytest
 from spmc_jax.engine import client_blocks
 from spmc_jax.sharding import initialize_distributed, resolve_device_count
 
-# The module fixture (one subprocess, nine simulations, ~65 s) runs once per xdist worker
-# that gets one of its tests: keep them on one worker (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sharding")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent(
