@@ -95,9 +95,8 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory) -> dict:
-    script = tmp_path_factory.mktemp("shard") / "worker.py"
+def _run_sharded_worker(tmp: Path) -> dict:
+    script = tmp / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
@@ -108,6 +107,24 @@ def sharded_results(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory) -> dict:
+    """The worker subprocess's results (~65 s), computed once per test session: under xdist
+    both workers may get tests of this module, so the first computes them under a file lock
+    in the workers' shared temporary root and the other reads its JSON."""
+    tmp = tmp_path_factory.mktemp("shard")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # not distributed
+        return _run_sharded_worker(tmp)
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent / "sharded_results.json"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            shared.write_text(json.dumps(_run_sharded_worker(tmp)))
+        return json.loads(shared.read_text())
 
 
 @pytest.mark.parametrize("defense", ["fedavg", "spmc"])
