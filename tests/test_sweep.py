@@ -384,6 +384,26 @@ def test_smoke_preset_end_to_end_on_real_mnist(tmp_path, real_dataset):
     assert len(_rows(out / "results.jsonl")) == len(rows)
 
 
+@pytest.mark.slow
+def test_cpu_devices_flag_reaches_the_cells_run(tmp_path, real_dataset):
+    # An explicit --cpu-devices N sets the process's CPU split, and the cell's 10 clients
+    # train sharded over the largest divisor of 10 that fits: what the cell summary records
+    # from the run's client mesh, and the environment's device count.
+    real_dataset("mnist")
+    for n, want in ((1, 1), (4, 2)):  # the default split (one per core): the smoke test
+        out = tmp_path / f"d{n}"
+        r = _cli(
+            *("--preset", "smoke", "--defenses", "fedavg", "--rounds", "1"),
+            *("--subsample", "3000", "--test-subsample", "100", "--cpu-devices", str(n)),
+            *("--out", str(out), "--no-fetch", "--quiet", "--no-jax-cache"),
+        )
+        assert r.returncode == 0, r.stderr
+        (summary,) = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+        assert summary["client_devices"] == want
+        record = json.loads((out / "sweep.json").read_text())
+        assert record["environment"]["device"]["device_count"] == n
+
+
 class _Kill(Exception):
     pass
 
