@@ -63,9 +63,13 @@ DEFENSES = ("fedavg", "spmc")
 PAPER_EPOCHS = {"fedavg": 1, "spmc": 10}  # spmc_reference.md §1.4
 
 
-def build_simulation(defense: str, args: argparse.Namespace, ds: Any) -> Simulation:
-    """The paper-protocol Simulation of `defense` (SPMC with `--spmc-epochs` local epochs)."""
+def build_simulation(
+    defense: str, args: argparse.Namespace, ds: Any, balance: bool = True
+) -> Simulation:
+    """The paper-protocol Simulation of `defense` (SPMC with `--spmc-epochs` local epochs);
+    `balance`: `Config.balance_clients` (clients placed on devices by balanced steps)."""
     cfg = Config(
+        balance_clients=balance,
         dataset="mnist",
         clients=args.clients,
         rounds=1,
@@ -198,9 +202,15 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
     epochs = sim.plan.epochs
     sizes = np.asarray(sim.plan.partition.sizes)
     run_e, compile_s = engine_round(sim)
+    run_c = None
+    if args.compare_contiguous:  # the same round, clients on devices in contiguous id blocks
+        sim_c = build_simulation(defense, args, ds, balance=False)
+        run_c = engine_round(sim_c)[0]
     run_t = torch_round(torch, sim, defense, epochs, args.seed)
     secs: dict[str, list[float]] = {"engine": []} | {f"pytorch_{t}t": [] for t in args.threads}
     ratios: dict[str, list[float]] = {f"pytorch_{t}t": [] for t in args.threads}
+    if run_c is not None:
+        secs["engine_contiguous"], ratios["engine_contiguous"] = [], []
     for th in args.threads:  # warm-up (oneDNN primitive caches, thread pools)
         torch.set_num_threads(th)
         run_t(limit=3)
@@ -210,6 +220,12 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         run_e()
         e = time.perf_counter() - t0
         secs["engine"].append(e)
+        if run_c is not None:
+            t0 = time.perf_counter()
+            run_c()
+            c = time.perf_counter() - t0
+            secs["engine_contiguous"].append(c)
+            ratios["engine_contiguous"].append(c / e)
         for th in args.threads:
             torch.set_num_threads(th)
             t0 = time.perf_counter()
@@ -219,6 +235,7 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
             ratios[f"pytorch_{th}t"].append(t / e)
         print(
             f"  {defense}: engine {e:.2f} s, "
+            + (f"contiguous {secs['engine_contiguous'][-1]:.2f} s, " if run_c else "")
             + ", ".join(
                 f"pytorch {th} thr {secs[f'pytorch_{th}t'][-1]:.2f} s" for th in args.threads
             ),
@@ -242,10 +259,27 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         # PyTorch seconds over engine seconds of the same sample (> 1: the engine is faster).
         "ratio": {name: _stats(v) for name, v in ratios.items()},
         "ratio_vs_best_pytorch": _stats(
-            [min(ratios[n][i] for n in ratios) for i in range(args.repeats)]
+            [
+                min(ratios[n][i] for n in ratios if n.startswith("pytorch"))
+                for i in range(args.repeats)
+            ]
         ),
+        "client_order": None if sim.train_order is None else sim.train_order.tolist(),
+        "device_steps": _device_steps(sizes // args.batch_size * epochs, sim),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
+    }
+
+
+def _device_steps(steps: np.ndarray, sim: Simulation) -> dict[str, list[int]] | None:
+    """Each device's summed client steps: as placed (`balanced`) and in id blocks."""
+    if sim.mesh is None:
+        return None
+    d = sim.mesh.size
+    order = np.arange(len(steps)) if sim.train_order is None else sim.train_order
+    return {
+        "balanced": steps[order].reshape(d, -1).sum(axis=1).tolist(),
+        "contiguous": steps.reshape(d, -1).sum(axis=1).tolist(),
     }
 
 
@@ -282,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         help="split the CPU into N JAX devices, the clients sharded over them (as the CLI's "
         "--cpu-devices); PyTorch is unaffected",
     )
+    p.add_argument(
+        "--compare-contiguous",
+        action="store_true",
+        help="also time the engine with --no-balance-clients (clients on devices in "
+        "contiguous id blocks) in the same interleave; ratio = contiguous s / balanced s",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.cpu_devices is not None:
@@ -314,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         parts = [f"{d:>7} ({r['local_epochs']} epochs, {r['client_steps']} steps)"]
         parts.append(f"engine {_fmt(r['engine'])} s")
+        if "engine_contiguous" in r:
+            n = "engine_contiguous"
+            parts.append(f"contiguous {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
         for th in args.threads:
             n = f"pytorch_{th}t"
             parts.append(f"pytorch {th} thr {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")

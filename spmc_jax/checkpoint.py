@@ -155,9 +155,14 @@ def check_resume(
             f"checkpoint format {meta.get('format')!r} is not supported; accepted: {FORMAT}"
         )
     done = int(meta["rounds_done"])
-    diff = config_diff(meta["config"], current_config, done)
+    stored = dict(meta["config"])
+    # Checkpoints from before `balance_clients` placed clients in contiguous id blocks.
+    stored.setdefault("balance_clients", False)
+    diff = config_diff(stored, current_config, done)
     if client_devices is not None and meta.get("client_devices") != client_devices:
         diff["client_devices"] = (meta.get("client_devices"), client_devices)
+    if meta.get("client_devices") == 1 and "client_devices" not in diff:
+        diff.pop("balance_clients", None)  # one device: nothing to place
     if diff:
         items = "; ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items())
         hint = ""
@@ -167,6 +172,9 @@ def check_resume(
                 f"{sorted(ROUNDS_DEPENDENT_DEFENSES)} it may change only while no completed "
                 "round is either count's last round)"
             )
+        if "balance_clients" in diff:
+            fix = "add" if diff["balance_clients"][0] is False else "drop"
+            hint += f" ({fix} --no-balance-clients to restore the checkpoint's client placement)"
         if "client_devices" in diff:
             hint += (
                 f" (on CPU, --cpu-devices {meta.get('client_devices')} restores the checkpoint's "

@@ -127,6 +127,7 @@ class Config:
     stream_aggregation: bool = False
     devices: str = "auto"
     client_data: str = "auto"
+    balance_clients: bool = True
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None

@@ -461,10 +461,11 @@ def _resized(x: np.ndarray, chunk: int = 8192) -> jax.Array:
 class SimData(NamedTuple):
     """Device arrays the jitted round reads (arguments, not constants).
 
-    Registered clients are split into D contiguous blocks, one per device of the client mesh
-    (D = 1 without one). `train` holds, for each block, only the images its clients use
-    (`client_blocks`), with the block axis sharded over the mesh: each device, and so each
-    host, stores just its own clients' data; `idx` indexes into the client's block.
+    Registered clients are split into D blocks, one per device of the client mesh (D = 1
+    without one): contiguous ids, or `Simulation.train_order`'s balanced blocks. `train`
+    holds, for each block, only the images its clients use (`client_blocks`), with the block
+    axis sharded over the mesh: each device, and so each host, stores just its own clients'
+    data; `idx` indexes into the client's block.
     """
 
     train: ClientData  # (D, U, ...) per-block images / labels / poison flags
@@ -484,14 +485,16 @@ def first_block(train: ClientData) -> ClientData:
 
 
 def client_blocks(
-    indices: np.ndarray, sizes: np.ndarray, n_blocks: int
+    indices: np.ndarray, sizes: np.ndarray, n_blocks: int, order: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Split clients into `n_blocks` contiguous blocks and re-index their samples per block.
+    """Split clients into `n_blocks` blocks and re-index their samples per block.
 
     Args:
       indices: (N, S) padded global sample indices (`PaddedPartition.indices`).
       sizes: (N,) valid entries per row.
       n_blocks: D, dividing N.
+      order: (N,) client ids; block p holds `order[p·N/D : (p+1)·N/D]`
+        (`balanced_order`). None: contiguous blocks of ids.
 
     Returns:
       (local, members): `members[p]` the sorted global ids of every sample used by block
@@ -501,16 +504,51 @@ def client_blocks(
     n, s = indices.shape
     if n % n_blocks:
         raise ValueError(f"{n} clients do not split into {n_blocks} equal blocks")
+    order = np.arange(n) if order is None else np.asarray(order)
+    if sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"order must be a permutation of the {n} client ids, got {order}")
     per = n // n_blocks
     local = np.zeros((n, s), np.int32)
     members = []
     for p in range(n_blocks):
-        rows = slice(p * per, (p + 1) * per)
+        rows = order[p * per : (p + 1) * per]
         valid = np.arange(s)[None, :] < sizes[rows, None]
         u = np.unique(indices[rows][valid])
         members.append(u)
         local[rows] = np.where(valid, np.searchsorted(u, indices[rows]), 0)
     return local, members
+
+
+def balanced_order(steps: np.ndarray, n_blocks: int) -> np.ndarray | None:
+    """Clients for D devices that train their N/D clients one after another, so that each
+    device's summed local steps are close: the block order for `client_blocks`.
+
+    Longest first, each client to the device with the fewest steps so far among those with
+    fewer than N/D clients (ties: the lower device); ids ascending within a device. With
+    Dirichlet client sizes, contiguous blocks of ids leave the busiest device 1-18 % above
+    the mean (benchmarks/RESULTS.md, issue 14), and a round lasts as long as that device.
+
+    Args:
+      steps: (N,) each client's local steps per round (any cost proportional to it).
+      n_blocks: D, dividing N.
+
+    Returns:
+      (N,) client ids, block p = entries [p·N/D, (p+1)·N/D); None when it would not lower
+      the busiest device's steps below the contiguous split's (then that split is kept).
+    """
+    steps = np.asarray(steps, np.int64)
+    n = len(steps)
+    if n_blocks < 1 or n % n_blocks:
+        raise ValueError(f"{n} clients do not split into {n_blocks} equal blocks")
+    per = n // n_blocks
+    load, members = np.zeros(n_blocks, np.int64), [[] for _ in range(n_blocks)]
+    for c in np.argsort(-steps, kind="stable"):
+        p = min((q for q in range(n_blocks) if len(members[q]) < per), key=lambda q: load[q])
+        members[p].append(int(c))
+        load[p] += steps[c]
+    if load.max() >= steps.reshape(n_blocks, per).sum(axis=1).max():
+        return None
+    return np.concatenate([np.sort(m) for m in members]).astype(np.int64)
 
 
 def poison_draw(seed: int, n_train: int, rate: float) -> np.ndarray:
@@ -623,6 +661,15 @@ class Simulation:
         if mode == "auto":
             mode = "blocks" if self.n == self.N else "replicated"
         self.n_blocks = self.mesh.size if self.mesh is not None and mode == "blocks" else 1
+        # Full participation, each device training its clients one after another (chunk 1,
+        # the CPU default): clients go to devices by `balanced_order`, not in contiguous id
+        # blocks. Rows are put back in id order after training, so only which device trains
+        # a client changes. (With vmapped chunks a device pays its slowest client's steps for
+        # every client, and partial participation draws new participants every round.)
+        self.train_order = None
+        mesh = self.mesh
+        if cfg.balance_clients and mesh is not None and self.n == self.N and self.client_chunk == 1:
+            self.train_order = balanced_order(plan.partition.sizes // cfg.batch_size, mesh.size)
 
         env = AttackEnv(
             image_shape=INPUT_SHAPE,
@@ -753,7 +800,10 @@ class Simulation:
         cfg, plan, ds = self.cfg, self.plan, self.ds
         poison = poison_draw(cfg.seed, len(ds.y_train), self.poison_rate)
         rank = attacker_ranks(plan.malicious)
-        local, members = client_blocks(plan.partition.indices, plan.partition.sizes, self.n_blocks)
+        order = self.train_order if self.n_blocks > 1 else None
+        local, members = client_blocks(
+            plan.partition.indices, plan.partition.sizes, self.n_blocks, order
+        )
         self.block_members = members
         proxy = np.asarray(plan.proxy_indices, np.int64)
         replicated = self._place(
@@ -855,6 +905,26 @@ class Simulation:
         pool = np.concatenate(parts) if parts else np.zeros((1,), np.int32)
         rng = np.random.RandomState(self.cfg.seed + 11)
         return np.sort(rng.choice(pool, min(size, len(pool)), replace=False)).astype(np.int32)
+
+    def device_placement(self) -> dict[str, list] | None:
+        """Which clients each device of the client mesh trains, for run summaries.
+
+        Returns:
+          {"clients": per device its client ids, "steps": per device its clients' summed
+          local steps per round, "client_steps": each client's local steps per round}; None
+          on one device, and under partial participation (the participants, so their
+          devices, change every round).
+        """
+        if self.mesh is None or self.n != self.N:
+            return None
+        d = self.mesh.size
+        order = np.arange(self.N) if self.train_order is None else self.train_order
+        steps = self.plan.partition.sizes // self.cfg.batch_size * self.plan.epochs
+        return {
+            "clients": order.reshape(d, -1).tolist(),
+            "steps": steps[order].reshape(d, -1).sum(axis=1).tolist(),
+            "client_steps": steps.tolist(),
+        }
 
     def predict(self, flat: jax.Array, x: jax.Array) -> jax.Array:
         """Eval-mode logits of the flat model (BatchNorm on running statistics)."""
@@ -1069,11 +1139,14 @@ class Simulation:
 
         if self.mesh is None:
             return train_block(data.train, xs, state.global_flat, attack_on, state.hooks)
-        # Many devices: each trains its own participants (a contiguous m/D of the sorted ids)
+        # Many devices: each trains its own participants (m/D of them: its block's clients)
         # on its own data block, or on the replicated train set; the client rows come out
         # sharded and the aggregation after it is left to sharding propagation.
         c, r = P(sharding_lib.CLIENT_AXIS), P()
-        return jax.shard_map(
+        order = self.train_order
+        if order is not None:  # full participation: `ids` is every client, in id order
+            xs = jax.tree.map(lambda a: a[jnp.asarray(order)], xs)
+        out = jax.shard_map(
             train_block,
             mesh=self.mesh,
             in_specs=(c if self.n_blocks > 1 else r, c, r, r, r),
@@ -1082,6 +1155,9 @@ class Simulation:
             # scans' carries (start: the replicated global model) fail the varying-axes check.
             check_vma=False,
         )(data.train, xs, state.global_flat, attack_on, state.hooks)
+        if order is not None:  # back to id order: the rules see the rows as without it
+            out = jax.tree.map(lambda a: a[jnp.asarray(np.argsort(order))], out)
+        return out
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
         key = jax.random.fold_in(state.key, r)

@@ -3,9 +3,10 @@
 The engine's round is one jitted function over arrays with a leading client axis (the m
 participants' tasks, their trained rows W (m, d)). With a mesh of D devices, local
 training runs under `shard_map`, each device on m/D participants. With `client_data`
-'blocks' (the default under full participation), registered clients form D contiguous
-blocks and the training data is stored per block (each device holds only the images its
-clients use); with 'replicated' (the default under partial participation) every device holds
+'blocks' (the default under full participation), registered clients form D blocks
+(contiguous ids, or balanced by local steps: `engine.balanced_order`) and the training data
+is stored per block (each device holds only the images its clients use); with 'replicated'
+(the default under partial participation) every device holds
 every image and participants are sampled as on one device. The trained rows come out
 sharded over the client axis (`NamedSharding(mesh, P('clients'))`); everything after (the
 aggregators, the new global model) is left to XLA's sharding propagation, so the

@@ -729,6 +729,7 @@ def run_cell(
     )  # fmt: skip
     summary["cell_batch"] = [cell.id]  # the cells of its program: itself alone
     summary["client_devices"] = client_devices  # devices the clients were sharded over
+    summary["device_placement"] = sim.device_placement()  # which device trained which client
     _write_atomic(summary_path, json.dumps(summary, indent=1))
     return summary
 

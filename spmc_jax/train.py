@@ -308,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     e.add_argument(
+        "--no-balance-clients",
+        action="store_true",
+        help=(
+            "with several devices and full participation: give each device a contiguous block "
+            "of client ids instead of clients chosen so the devices' local steps balance"
+        ),
+    )
+    e.add_argument(
         "--cpu-devices",
         type=int,
         default=None,
@@ -411,6 +419,7 @@ _NEGATED_FLAGS = {
     "fetch": "no_fetch",
     "projection": "no_projection",
     "server_weighting": "no_server_weighting",
+    "balance_clients": "no_balance_clients",
 }
 
 
@@ -503,6 +512,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_chunk=args.client_chunk,
         stream_aggregation=args.stream_aggregation,
         client_data=args.client_data,
+        balance_clients=not args.no_balance_clients,
         devices=args.devices,
         coordinator=args.coordinator,
         num_processes=args.num_processes,
@@ -979,6 +989,7 @@ def execute(
     }
     summary["test_subsample"] = test_subsample
     summary["client_devices"] = client_devices  # devices the clients were sharded over
+    summary["device_placement"] = sim.device_placement()  # which device trained which client
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     note = None if final["learned"] else chance_note(final)
     plot_curves(result.history, out / "curves.png", title, note=note)

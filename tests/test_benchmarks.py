@@ -112,7 +112,7 @@ def test_round_vs_pytorch_tiny(tmp_path):
     # SPMC only: its PyTorch client (teacher, two backward passes, projection) is the
     # involved one, and one engine compile keeps the test short.
     argv = "--defense spmc --synthetic 400 --clients 2 --batch-size 16 --repeats 2 --threads 1"
-    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    assert mod.main([*argv.split(), "--compare-contiguous", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     # 1 of SPMC's 10 paper epochs by default, and the fraction says so.
@@ -126,6 +126,14 @@ def test_round_vs_pytorch_tiny(tmp_path):
         assert e > 0 and t > 0 and math.isclose(r, t / e, rel_tol=1e-9)
     assert row["engine_compile_s"] > 0 and row["client_devices"] == 1
     assert res["environment"]["torch_threads"] == [1]
+    # The contiguous-placement engine, timed in the same interleave (one device: nothing to
+    # place, so no order and no per-device steps).
+    con = row["engine_contiguous"]["samples"]
+    for e, c, r in zip(eng, con, row["ratio"]["engine_contiguous"]["samples"], strict=True):
+        assert c > 0 and math.isclose(r, c / e, rel_tol=1e-9)
+    assert row["client_order"] is None and row["device_steps"] is None
+    best = row["ratio_vs_best_pytorch"]["samples"]
+    assert best == row["ratio"]["pytorch_1t"]["samples"]  # PyTorch's columns only
 
 
 def test_cpu_levers_tiny(tmp_path):

@@ -205,6 +205,27 @@ def test_config_mismatch_names_each_key_with_both_values():
         check_resume(_meta(cfg, 2), cfg.to_dict(), client_devices=2)
 
 
+def test_client_placement_is_compared_only_where_there_are_devices_to_place_on():
+    cfg = Config(defense="fedavg", **TINY)
+    old = cfg.to_dict()
+    del old["balance_clients"]  # a checkpoint from before the balanced placement
+    old_meta = {**_meta(cfg, 2, devices=2), "config": old}
+    # Two devices: its clients sat in contiguous id blocks, the default now balances them.
+    with pytest.raises(ValueError, match=r"balance_clients: False \(checkpoint\) vs True") as e:
+        check_resume(old_meta, cfg.to_dict(), client_devices=2)
+    assert "add --no-balance-clients" in str(e.value)
+    check_resume(old_meta, cfg.replace(balance_clients=False).to_dict(), client_devices=2)
+    # One device: there is nothing to place, either way.
+    check_resume({**old_meta, "client_devices": 1}, cfg.to_dict(), client_devices=1)
+    off = _meta(cfg.replace(balance_clients=False), 2, devices=1)
+    check_resume(off, cfg.to_dict(), client_devices=1)
+    with pytest.raises(ValueError, match="add --no-balance-clients"):
+        check_resume({**off, "client_devices": 4}, cfg.to_dict(), client_devices=4)
+    on = _meta(cfg, 2, devices=4)
+    with pytest.raises(ValueError, match="drop --no-balance-clients"):
+        check_resume(on, cfg.replace(balance_clients=False).to_dict(), client_devices=4)
+
+
 def test_rounds_may_change_only_where_no_completed_round_depends_on_it():
     fedavg = Config(defense="fedavg", **TINY)  # rounds 4
     assert config_diff(fedavg.to_dict(), fedavg.replace(rounds=9).to_dict(), 4) == {}

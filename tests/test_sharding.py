@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spmc_jax.engine import client_blocks
+from spmc_jax.engine import balanced_order, client_blocks
 from spmc_jax.sharding import initialize_distributed, resolve_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +33,21 @@ WORKER = textwrap.dedent(
     from spmc_jax.engine import Simulation, run
 
     assert len(jax.devices()) == 4, jax.devices()
+    from spmc_jax.train import config_from_args, parse_args
+
     ds = make_blob_dataset(n_train=800, n_test=100)
     out = {{}}
+    # Full participation, 8 clients of unequal sizes, 2 per device: placed on the devices by
+    # balanced local steps (the default), and in contiguous id blocks (--no-balance-clients,
+    # through the command line's parser).
     for defense in ("fedavg", "spmc"):
-        for dev in ("1", "4"):
-            cfg = Config(defense=defense, model="mlp", clients=4, rounds=1, local_epochs=1,
-                         batch_size=16, gamma=0.25, eval_batch=100, devices=dev)
+        for dev in ("1", "4", "4-contiguous"):
+            if dev == "4-contiguous" and defense == "spmc":
+                continue
+            argv = ["--defense", defense, "--model", "mlp", "--clients", "8", "--rounds", "1",
+                    "--local-epochs", "1", "--batch-size", "16", "--gamma", "0.25",
+                    "--eval-batch", "100", "--devices", dev[0]]
+            cfg = config_from_args(parse_args(argv + ["--no-balance-clients"] * (dev != "4")))
             sim = Simulation(cfg, ds)
             res = run(cfg, ds, sim=sim)
             g = res.state.global_flat
@@ -48,6 +57,11 @@ WORKER = textwrap.dedent(
                 n_shards=len(g.sharding.device_set),
                 weights=[h["client_weights"] for h in res.history],
                 A=[h["A"] for h in res.history],
+                order=None if sim.train_order is None else sim.train_order.tolist(),
+                sizes=np.asarray(sim.plan.partition.sizes).tolist(),
+                idx=np.asarray(sim.data.idx).tolist(),
+                members=[np.asarray(m).tolist() for m in sim.block_members],
+                partition=np.asarray(sim.plan.partition.indices).tolist(),
             )
     # Partial participation, default client data (auto = replicated): same participants and
     # same numbers as one device.
@@ -129,8 +143,11 @@ def sharded_results(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("defense", ["fedavg", "spmc"])
 def test_sharded_round_equals_single_device(sharded_results, defense):
+    """8 clients over 4 devices, placed by balanced local steps (the default): the same
+    model as one device up to float32 summation order."""
     one, four = sharded_results[defense + "1"], sharded_results[defense + "4"]
     assert one["mesh"] is None and four["mesh"] == 4 and four["n_shards"] == 4
+    assert one["order"] is None and four["order"] is not None  # the balance was applied
     a, b = np.asarray(one["global_flat"]), np.asarray(four["global_flat"])
     # Only the order of float32 cross-client sums may differ (all-reduce vs one device),
     # compounded over a round of SGD: 1e-5 relative to the weights' scale.
@@ -138,6 +155,34 @@ def test_sharded_round_equals_single_device(sharded_results, defense):
     np.testing.assert_allclose(four["weights"], one["weights"], rtol=1e-4, atol=1e-6)
     for x, y in zip(one["A"], four["A"], strict=True):
         assert abs(x - y) <= 100 / 100 + 1e-6  # at most one of the 100 test images flips
+
+
+def test_devices_train_balanced_blocks_of_clients(sharded_results):
+    """The default run's devices each train 2 of the 8 clients, chosen so that the busiest
+    device's local steps are below the contiguous blocks'; every block stores exactly its
+    own clients' samples, and `--no-balance-clients` keeps contiguous id blocks."""
+    bal, con = sharded_results["fedavg4"], sharded_results["fedavg4-contiguous"]
+    sizes = np.asarray(bal["sizes"])
+    steps = sizes // 16
+    order = np.asarray(bal["order"])
+    assert sorted(order.tolist()) == list(range(8))
+    busiest = steps[order].reshape(4, 2).sum(axis=1).max()
+    assert busiest < steps.reshape(4, 2).sum(axis=1).max()
+    np.testing.assert_array_equal(order, balanced_order(steps, 4))
+    part = np.asarray(bal["partition"])
+    for result, blocks in ((bal, order.reshape(4, 2)), (con, np.arange(8).reshape(4, 2))):
+        idx = np.asarray(result["idx"])
+        for p, clients in enumerate(blocks):
+            want = {int(v) for c in clients for v in part[c, : sizes[c]]}
+            assert set(result["members"][p]) == want
+            for c in clients:
+                got = np.asarray(result["members"][p])[idx[c, : sizes[c]]]
+                np.testing.assert_array_equal(got, part[c, : sizes[c]])
+    assert con["order"] is None
+    # Which device trains a client changes nothing but the order of cross-client sums.
+    a, b = np.asarray(con["global_flat"]), np.asarray(bal["global_flat"])
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    np.testing.assert_allclose(bal["weights"], con["weights"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("defense", ["fedavg", "spmc"])
@@ -195,6 +240,54 @@ def test_client_blocks_reindex_each_block_onto_its_own_samples():
         assert set(members[p].tolist()) == want
     with pytest.raises(ValueError, match="equal blocks"):
         client_blocks(indices, sizes, 4)
+
+
+def test_client_blocks_follow_a_given_client_order():
+    rng = np.random.RandomState(1)
+    indices = rng.randint(0, 40, (6, 5))
+    sizes = np.array([5, 3, 4, 1, 5, 2])
+    order = np.array([4, 0, 5, 2, 1, 3])
+    local, members = client_blocks(indices, sizes, 3, order)
+    for p, clients in enumerate(order.reshape(3, 2)):
+        want = {int(v) for c in clients for v in indices[c, : sizes[c]]}
+        assert set(members[p].tolist()) == want
+        for c in clients:
+            np.testing.assert_array_equal(members[p][local[c, : sizes[c]]], indices[c, : sizes[c]])
+            assert (local[c, sizes[c] :] == 0).all()
+    with pytest.raises(ValueError, match="permutation of the 6 client ids"):
+        client_blocks(indices, sizes, 3, np.array([0, 0, 1, 2, 3, 4]))
+
+
+def test_balanced_order_hand_checked_paper_split():
+    """The seed-0 MNIST split of the paper protocol (issue 14's round): full batches of 64
+    per client. Longest first, each to the lighter device with room: device A gets 134, 88,
+    78, 67, 49 (416 steps), B 110, 96, 86, 71, 61 (424), against 400 / 440 in id blocks."""
+    steps = np.array([110, 49, 67, 86, 88, 61, 134, 78, 96, 71])
+    order = balanced_order(steps, 2)
+    np.testing.assert_array_equal(order, [1, 2, 4, 6, 7, 0, 3, 5, 8, 9])
+    assert steps[order].reshape(2, 5).sum(axis=1).tolist() == [416, 424]
+
+
+def test_balanced_order_invariants_and_no_gain_cases():
+    rng = np.random.RandomState(0)
+    kept = 0
+    for n, d in [(8, 2), (12, 4), (20, 4), (30, 5), (64, 8)]:
+        steps = rng.randint(1, 200, n)
+        order = balanced_order(steps, d)
+        contiguous = steps.reshape(d, -1).sum(axis=1).max()
+        if order is None:  # kept only when it lowers the busiest device's steps
+            continue
+        assert sorted(order.tolist()) == list(range(n))
+        blocks = order.reshape(d, -1)
+        assert all((np.diff(b) > 0).all() for b in blocks)  # ids ascending within a device
+        assert steps[blocks].sum(axis=1).max() < contiguous
+        kept += 1
+    assert kept >= 4  # random sizes: the balance almost always pays
+    assert balanced_order(np.array([5, 9, 2, 7]), 4) is None  # one client per device
+    assert balanced_order(np.full(6, 3), 2) is None  # equal clients: nothing to gain
+    assert balanced_order(np.array([1, 9, 9, 1]), 2) is None  # contiguous already balanced
+    with pytest.raises(ValueError, match="7 clients do not split into 2 equal blocks"):
+        balanced_order(np.ones(7, int), 2)
 
 
 def test_resolve_device_count_divides_the_client_axis():

@@ -22,6 +22,7 @@ import pytest
 from spmc_jax import sweep
 from spmc_jax.config import Config
 from spmc_jax.data.synthetic import make_synthetic
+from spmc_jax.engine import balanced_order
 from tests.tables import table_rows
 
 # A tiny grid: 2 defenses x 1 dataset x 1 gamma. gamma 0.3 of 4 clients = 1 attacker, and
@@ -402,6 +403,19 @@ def test_cpu_devices_flag_reaches_the_cells_run(tmp_path, real_dataset):
         assert summary["client_devices"] == want
         record = json.loads((out / "sweep.json").read_text())
         assert record["environment"]["device"]["device_count"] == n
+        placement = summary["device_placement"]
+        if want == 1:
+            assert placement is None
+            continue
+        # The clients each device trained: balanced by local steps against id blocks.
+        clients, steps = placement["clients"], placement["steps"]
+        per_client = np.asarray(placement["client_steps"])
+        assert len(clients) == 2 and sorted(np.concatenate(clients).tolist()) == list(range(10))
+        assert steps == [int(per_client[c].sum()) for c in clients]
+        order = balanced_order(per_client, 2)
+        want_clients = np.arange(10) if order is None else order
+        assert clients == want_clients.reshape(2, 5).tolist()
+        assert max(steps) <= per_client.reshape(2, 5).sum(axis=1).max()
 
 
 class _Kill(Exception):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from spmc_jax.train import main
@@ -99,6 +100,13 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     cores = len(os.sched_getaffinity(0))
     assert summary["environment"]["device"]["device_count"] == cores
     assert summary["client_devices"] == max(d for d in range(1, min(cores, 4) + 1) if 4 % d == 0)
+    placement = summary["device_placement"]  # which device trained which client
+    if summary["client_devices"] == 1:
+        assert placement is None
+    else:
+        clients = placement["clients"]
+        assert len(clients) == summary["client_devices"]
+        assert sorted(np.concatenate(clients).tolist()) == [0, 1, 2, 3]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "round   2/2" in r.stdout
 
