@@ -666,10 +666,11 @@ class Simulation:
         # blocks. Rows are put back in id order after training, so only which device trains
         # a client changes. (With vmapped chunks a device pays its slowest client's steps for
         # every client, and partial participation draws new participants every round.)
+        self.client_steps = plan.partition.sizes // cfg.batch_size * plan.epochs  # per round
         self.train_order = None
         mesh = self.mesh
         if cfg.balance_clients and mesh is not None and self.n == self.N and self.client_chunk == 1:
-            self.train_order = balanced_order(plan.partition.sizes // cfg.batch_size, mesh.size)
+            self.train_order = balanced_order(self.client_steps, mesh.size)
 
         env = AttackEnv(
             image_shape=INPUT_SHAPE,
@@ -919,7 +920,7 @@ class Simulation:
             return None
         d = self.mesh.size
         order = np.arange(self.N) if self.train_order is None else self.train_order
-        steps = self.plan.partition.sizes // self.cfg.batch_size * self.plan.epochs
+        steps = self.client_steps
         return {
             "clients": order.reshape(d, -1).tolist(),
             "steps": steps[order].reshape(d, -1).sum(axis=1).tolist(),

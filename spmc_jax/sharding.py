@@ -6,13 +6,13 @@ training runs under `shard_map`, each device on m/D participants. With `client_d
 'blocks' (the default under full participation), registered clients form D blocks
 (contiguous ids, or balanced by local steps: `engine.balanced_order`) and the training data
 is stored per block (each device holds only the images its clients use); with 'replicated'
-(the default under partial participation) every device holds
-every image and participants are sampled as on one device. The trained rows come out
-sharded over the client axis (`NamedSharding(mesh, P('clients'))`); everything after (the
-aggregators, the new global model) is left to XLA's sharding propagation, so the
-aggregators are unchanged: a column mean over a sharded client axis becomes a local sum plus
-an all-reduce. Only the client axis is split, so (with the default `client_data`) the result
-equals the single-device run up to float32 summation order of cross-client reductions.
+(the default under partial participation) every device holds every image and participants
+are sampled as on one device. The trained rows come out sharded over the client axis
+(`NamedSharding(mesh, P('clients'))`); everything after (the aggregators, the new global
+model) is left to XLA's sharding propagation, so the aggregators are unchanged: a column
+mean over a sharded client axis becomes a local sum plus an all-reduce. Only the client axis
+is split, so (with the default `client_data`) the result equals the single-device run up to
+float32 summation order of cross-client reductions.
 
 Many hosts: `initialize_distributed` calls `jax.distributed.initialize` from flags or the
 environment (`SPMC_COORDINATOR`, `SPMC_NUM_PROCESSES`, `SPMC_PROCESS_ID`); with no values it
