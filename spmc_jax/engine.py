@@ -541,7 +541,8 @@ def balanced_order(steps: np.ndarray, n_blocks: int) -> np.ndarray | None:
     if n_blocks < 1 or n % n_blocks:
         raise ValueError(f"{n} clients do not split into {n_blocks} equal blocks")
     per = n // n_blocks
-    load, members = np.zeros(n_blocks, np.int64), [[] for _ in range(n_blocks)]
+    load = np.zeros(n_blocks, np.int64)
+    members: list[list[int]] = [[] for _ in range(n_blocks)]
     for c in np.argsort(-steps, kind="stable"):
         p = min((q for q in range(n_blocks) if len(members[q]) < per), key=lambda q: load[q])
         members[p].append(int(c))
