@@ -519,37 +519,57 @@ def client_blocks(
     return local, members
 
 
-def balanced_order(steps: np.ndarray, n_blocks: int) -> np.ndarray | None:
+def balanced_permutation(steps: jax.Array, n_blocks: int) -> jax.Array:
     """Clients for D devices that train their N/D clients one after another, so that each
-    device's summed local steps are close: the block order for `client_blocks`.
+    device's summed local steps are close; traceable (the engine also runs it per round on
+    the sampled participants).
 
     Longest first, each client to the device with the fewest steps so far among those with
-    fewer than N/D clients (ties: the lower device); ids ascending within a device. With
-    Dirichlet client sizes, contiguous blocks of ids leave the busiest device 1-18 % above
+    fewer than N/D clients (ties: the lower device); positions ascending within a device.
+    With Dirichlet client sizes, contiguous blocks leave the busiest device 1-18 % above
     the mean (benchmarks/RESULTS.md, issue 14), and a round lasts as long as that device.
 
     Args:
-      steps: (N,) each client's local steps per round (any cost proportional to it).
+      steps: (N,) integer local steps of each client (any cost proportional to them).
       n_blocks: D, dividing N.
 
     Returns:
-      (N,) client ids, block p = entries [p·N/D, (p+1)·N/D); None when it would not lower
-      the busiest device's steps below the contiguous split's (then that split is kept).
+      (N,) int32 positions, device p's = entries [p·N/D, (p+1)·N/D); the identity when the
+      busiest device would not get fewer steps than with contiguous blocks.
     """
-    steps = np.asarray(steps, np.int64)
+    steps = jnp.asarray(steps, jnp.int32)
+    n = steps.shape[0]
+    per = n // n_blocks
+    full = jnp.iinfo(jnp.int32).max
+
+    def place(k, carry):
+        load, count, device = carry
+        c = longest[k]
+        p = jnp.argmin(jnp.where(count < per, load, full))  # first minimum: the lower device
+        return load.at[p].add(steps[c]), count.at[p].add(1), device.at[c].set(p)
+
+    longest = jnp.argsort(-steps, stable=True)
+    zeros = jnp.zeros(n_blocks, jnp.int32)
+    load, _, device = jax.lax.fori_loop(0, n, place, (zeros, zeros, jnp.zeros(n, jnp.int32)))
+    ids = jnp.arange(n, dtype=jnp.int32)
+    grouped = jnp.argsort(device * n + ids, stable=True).astype(jnp.int32)
+    contiguous = steps.reshape(n_blocks, per).sum(axis=1).max()
+    return jnp.where(load.max() < contiguous, grouped, ids)
+
+
+def balanced_order(steps: np.ndarray, n_blocks: int) -> np.ndarray | None:
+    """`balanced_permutation` on the host: the block order for `client_blocks`.
+
+    Returns:
+      (N,) client ids, block p = entries [p·N/D, (p+1)·N/D); None when contiguous id
+      blocks are kept (no device would get fewer steps).
+    """
+    steps = np.asarray(steps)
     n = len(steps)
     if n_blocks < 1 or n % n_blocks:
         raise ValueError(f"{n} clients do not split into {n_blocks} equal blocks")
-    per = n // n_blocks
-    load = np.zeros(n_blocks, np.int64)
-    members: list[list[int]] = [[] for _ in range(n_blocks)]
-    for c in np.argsort(-steps, kind="stable"):
-        p = min((q for q in range(n_blocks) if len(members[q]) < per), key=lambda q: load[q])
-        members[p].append(int(c))
-        load[p] += steps[c]
-    if load.max() >= steps.reshape(n_blocks, per).sum(axis=1).max():
-        return None
-    return np.concatenate([np.sort(m) for m in members]).astype(np.int64)
+    order = np.asarray(balanced_permutation(jnp.asarray(steps, jnp.int32), n_blocks))
+    return None if (order == np.arange(n)).all() else order.astype(np.int64)
 
 
 def poison_draw(seed: int, n_train: int, rate: float) -> np.ndarray:
@@ -662,16 +682,22 @@ class Simulation:
         if mode == "auto":
             mode = "blocks" if self.n == self.N else "replicated"
         self.n_blocks = self.mesh.size if self.mesh is not None and mode == "blocks" else 1
-        # Full participation, each device training its clients one after another (chunk 1,
-        # the CPU default): clients go to devices by `balanced_order`, not in contiguous id
-        # blocks. Rows are put back in id order after training, so only which device trains
-        # a client changes. (With vmapped chunks a device pays its slowest client's steps for
-        # every client, and partial participation draws new participants every round.)
+        # Each device training its clients one after another (chunk 1, the CPU default):
+        # clients go to devices by `balanced_permutation` of their local steps, not in
+        # contiguous blocks. Under full participation once (`train_order`, also the data
+        # blocks' layout); with sampled participants on replicated data, every round. Rows
+        # are put back in order after training, so only which device trains a client
+        # changes. (With vmapped chunks a device pays its slowest client's steps for every
+        # client; with data blocks, a participant must train where its data is.)
         self.client_steps = plan.partition.sizes // cfg.batch_size * plan.epochs  # per round
         self.train_order = None
+        self.balance_rounds = False
         mesh = self.mesh
-        if cfg.balance_clients and mesh is not None and self.n == self.N and self.client_chunk == 1:
-            self.train_order = balanced_order(self.client_steps, mesh.size)
+        if cfg.balance_clients and mesh is not None and self.client_chunk == 1:
+            if self.n == self.N:
+                self.train_order = balanced_order(self.client_steps, mesh.size)
+            else:
+                self.balance_rounds = self.n_blocks == 1
 
         env = AttackEnv(
             image_shape=INPUT_SHAPE,
@@ -1145,9 +1171,13 @@ class Simulation:
         # on its own data block, or on the replicated train set; the client rows come out
         # sharded and the aggregation after it is left to sharding propagation.
         c, r = P(sharding_lib.CLIENT_AXIS), P()
-        order = self.train_order
-        if order is not None:  # full participation: `ids` is every client, in id order
-            xs = jax.tree.map(lambda a: a[jnp.asarray(order)], xs)
+        perm = None
+        if self.train_order is not None:  # full participation: `ids` is every client
+            perm = jnp.asarray(self.train_order, jnp.int32)
+        elif self.balance_rounds:  # this round's participants
+            perm = balanced_permutation(data.sizes[ids] // self.cfg.batch_size, self.mesh.size)
+        if perm is not None:
+            xs = jax.tree.map(lambda a: a[perm], xs)
         out = jax.shard_map(
             train_block,
             mesh=self.mesh,
@@ -1157,8 +1187,8 @@ class Simulation:
             # scans' carries (start: the replicated global model) fail the varying-axes check.
             check_vma=False,
         )(data.train, xs, state.global_flat, attack_on, state.hooks)
-        if order is not None:  # back to id order: the rules see the rows as without it
-            out = jax.tree.map(lambda a: a[jnp.asarray(np.argsort(order))], out)
+        if perm is not None:  # back to `ids` order: the rules see the rows as without it
+            out = jax.tree.map(lambda a: a[jnp.argsort(perm)], out)
         return out
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:

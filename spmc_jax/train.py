@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-balance-clients",
         action="store_true",
         help=(
-            "with several devices and full participation: give each device a contiguous block "
-            "of client ids instead of clients chosen so the devices' local steps balance"
+            "with several devices: give each device a contiguous block of the clients (or of "
+            "the round's participants) instead of clients chosen so the devices' local steps "
+            "balance"
         ),
     )
     e.add_argument(

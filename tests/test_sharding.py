@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spmc_jax.engine import balanced_order, client_blocks
+from spmc_jax.engine import balanced_order, balanced_permutation, client_blocks
 from spmc_jax.sharding import initialize_distributed, resolve_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +66,15 @@ WORKER = textwrap.dedent(
     # Partial participation, default client data (auto = replicated): same participants and
     # same numbers as one device.
     for defense in ("fedavg", "spmc"):
-        for dev in ("1", "4"):
+        for dev in ("1", "2", "4"):
             cfg = Config(defense=defense, model="mlp", clients=8, clients_per_round=4,
                          rounds=2, local_epochs=1, batch_size=16, gamma=0.25, eval_batch=100,
                          devices=dev)
             sim = Simulation(cfg, ds)
             res = run(cfg, ds, sim=sim)
             out["partial_" + defense + dev] = dict(
+                balance_rounds=sim.balance_rounds,
+                sizes=np.asarray(sim.plan.partition.sizes).tolist(),
                 ids=[h["client_ids"] for h in res.history],
                 global_flat=np.asarray(res.state.global_flat).tolist(),
                 weights=[h["client_weights"] for h in res.history],
@@ -185,15 +187,24 @@ def test_devices_train_balanced_blocks_of_clients(sharded_results):
     np.testing.assert_allclose(bal["weights"], con["weights"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dev", ["2", "4"])
 @pytest.mark.parametrize("defense", ["fedavg", "spmc"])
-def test_partial_participation_with_replicated_data_equals_single_device(sharded_results, defense):
+def test_partial_participation_with_replicated_data_equals_single_device(
+    sharded_results, defense, dev
+):
     """With partial participation the default client data is replicated: the same uniformly
     sampled participants as on one device, and the same model up to float32 summation order
-    (two rounds: round 2 has clients with and without a last-round SPMC teacher)."""
+    (two rounds: round 2 has clients with and without a last-round SPMC teacher). On 2
+    devices each round's 4 participants are placed by their local steps."""
     one = sharded_results[f"partial_{defense}1"]
-    four = sharded_results[f"partial_{defense}4"]
+    four = sharded_results[f"partial_{defense}{dev}"]
+    assert four["balance_rounds"] and not one["balance_rounds"]
+    if dev == "2":  # a round whose balanced placement differs from the contiguous split
+        steps = np.asarray(four["sizes"]) // 16
+        perms = [np.asarray(balanced_permutation(steps[ids], 2)) for ids in four["ids"]]
+        assert any((p != np.arange(4)).any() for p in perms)
     # Uniform sampling as on one device, every device holding the whole (1, U, ...) train set.
-    assert four["n_blocks"] == 1 and four["x_shards"] == 4 and four["x_shape"][0] == 1
+    assert four["n_blocks"] == 1 and four["x_shards"] == int(dev) and four["x_shape"][0] == 1
     assert four["ids"] == one["ids"]
     a, b = np.asarray(one["global_flat"]), np.asarray(four["global_flat"])
     # Same tolerance as the full-participation comparison above (cross-client sum order).
