@@ -265,21 +265,21 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
             ]
         ),
         "client_order": None if sim.train_order is None else sim.train_order.tolist(),
-        "device_steps": _device_steps(sizes // args.batch_size * epochs, sim),
+        "device_steps": _device_steps(sim),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
 
 
-def _device_steps(steps: np.ndarray, sim: Simulation) -> dict[str, list[int]] | None:
+def _device_steps(sim: Simulation) -> dict[str, list[int]] | None:
     """Each device's summed client steps: as placed (`balanced`) and in id blocks."""
-    if sim.mesh is None:
+    placement = sim.device_placement()
+    if placement is None:
         return None
-    d = sim.mesh.size
-    order = np.arange(len(steps)) if sim.train_order is None else sim.train_order
+    steps = np.asarray(placement["client_steps"])
     return {
-        "balanced": steps[order].reshape(d, -1).sum(axis=1).tolist(),
-        "contiguous": steps.reshape(d, -1).sum(axis=1).tolist(),
+        "balanced": placement["steps"],
+        "contiguous": steps.reshape(len(placement["steps"]), -1).sum(axis=1).tolist(),
     }
 
 

@@ -17,6 +17,7 @@ poisoning draw are host-side NumPy seeded by `seed` (identical on every backend)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -519,6 +520,7 @@ def client_blocks(
     return local, members
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compile per (N, D), not per Simulation
 def balanced_permutation(steps: jax.Array, n_blocks: int) -> jax.Array:
     """Clients for D devices that train their N/D clients one after another, so that each
     device's summed local steps are close; traceable (the engine also runs it per round on
