@@ -35,4 +35,7 @@ step aggregators python benchmarks/aggregator_scaling.py --n 100 1000 10000 \
   --d 100000 1000000 --repeats 3 --json "$OUT/aggregators.json"
 # 4. Achieved FLOP/s against the card's f32 / bf16 matmul peak.
 step roofline python benchmarks/roofline.py --clients 1000 --bf16 --json "$OUT/roofline.json"
+# 5. Vmapped client chunks grouped by local steps vs id order (Dirichlet sizes, 100 clients).
+step chunk_grouping python benchmarks/chunk_grouping.py --clients 100 --client-chunk 20 \
+  --defense fedavg spmc --repeats 3 --json "$OUT/chunk_grouping.json"
 echo "suite done: $OUT"

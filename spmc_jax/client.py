@@ -375,7 +375,7 @@ def make_client_step(
     perm, key, s, hook_inputs=None) -> StepResult` of one client: batch `s` of the epoch
     order `perm`.
 
-    `make_local_train` scans it; `benchmarks/round_throughput.py` also jits it alone for its
+    `make_local_train` loops it; `benchmarks/round_throughput.py` also jits it alone for its
     sequential per-step baseline (the shape of a PyTorch training loop). Arguments as in
     `make_local_train`; `key` is the epoch's step key (per-step keys are folded from it);
     `hook_inputs` (`HookInputs`) is required when `hooks` is not empty, in the order of
@@ -605,7 +605,7 @@ def local_train_from_step(
     steps_per_epoch: int,
     epochs: int,
 ) -> Callable[..., LocalResult]:
-    """`local_train` of `make_local_train`, scanning an existing `make_client_step` step.
+    """`local_train` of `make_local_train`, looping an existing `make_client_step` step.
 
     Args:
       one_step: the client's SGD step (`make_client_step`).
@@ -631,32 +631,27 @@ def local_train_from_step(
         # Hooks see the round's global parameters: the client's starting point.
         inputs = HookInputs(variables["params"], tuple(hook_states), jnp.int32(0), epochs)
 
-        def step(carry, s, perm, key, e):
-            extra = (inputs._replace(epoch=e),) if hook_states else ()
-
-            def run(carry):
-                variables, opt_state, loss_sum, proj_sum = carry
-                out = one_step(
-                    variables, opt_state, teacher, data, task, attack_on, perm, key, s, *extra
-                )
-                return (
-                    out.variables,
-                    out.opt_state,
-                    loss_sum + out.loss,
-                    proj_sum + out.projected,
-                )
-
-            # Steps past this client's last full batch (the scan runs the largest client's
-            # count) leave the carry as it is. A cond, not a where: one client at a time
-            # (the CPU path) then skips them instead of computing and discarding them
-            # (Dirichlet MNIST: 1340 computed steps for 840 real ones); under vmap it
-            # becomes the same select as before (issue 14).
-            return jax.lax.cond(s < n_batches, run, lambda c: c, carry), None
-
         def epoch(carry, e):
             perm, k_steps = epoch_order(task, e)
-            carry, _ = jax.lax.scan(
-                lambda c, s: step(c, s, perm, k_steps, e), carry, jnp.arange(steps_per_epoch)
+            extra = (inputs._replace(epoch=e),) if hook_states else ()
+
+            def step(c):
+                s, (variables, opt_state, loss_sum, proj_sum) = c
+                out = one_step(
+                    variables, opt_state, teacher, data, task, attack_on, perm, k_steps, s, *extra
+                )
+                sums = (loss_sum + out.loss, proj_sum + out.projected)
+                return s + 1, (out.variables, out.opt_state, *sums)
+
+            # Exactly this client's full batches: a while loop, not a scan over the largest
+            # client's count. One client at a time (the CPU path) runs only its own steps
+            # (Dirichlet MNIST: 840 steps, not 1340; issue 14). Under vmap (a chunk of
+            # clients) the loop runs the chunk's largest count, the clients already done
+            # keeping their carry, so the engine groups clients of similar counts into a
+            # chunk (`engine.SORT_CHUNKS_BY_STEPS`).
+            n = jnp.minimum(n_batches, steps_per_epoch)
+            _, carry = jax.lax.while_loop(
+                lambda c: c[0] < n, step, (jnp.zeros((), jnp.int32), carry)
             )
             return carry, None
 

@@ -1,7 +1,8 @@
 """The vectorized federation: one round = vmap(client) → model attack → aggregate → new global.
 
-Shapes are static for the whole run (padded client index rows, a fixed step count with a
-per-client step mask), so a block of rounds is one jitted `lax.scan` and compiles once.
+Shapes are static for the whole run (padded client index rows, a static bound on the local
+steps, each client's loop running its own full batches), so a block of rounds is one jitted
+`lax.scan` and compiles once.
 All data lives on device as uint8 and is passed to the jitted functions as arguments (never
 closed over as constants); training images are stored per device block of clients
 (`SimData`, `client_blocks`), so with a mesh every device and host holds only its own
@@ -181,6 +182,20 @@ def estimate_memory(
 
 
 MEMORY_FRACTION = 0.8  # of the device's memory a plan may use (XLA needs headroom)
+# Clients trained in vmapped chunks (1 < chunk < clients on a device) are grouped by local
+# steps: a chunk runs its largest client's count, so chunks of similar clients waste fewer
+# steps than chunks in id order (paper MNIST split, chunk 5: 1060 computed client-steps
+# instead of 1220). Results are unchanged: rows return to id order. A module switch so that
+# benchmarks can time the id order in the same process.
+SORT_CHUNKS_BY_STEPS = True
+
+
+def _by_steps(sizes: jax.Array, chunk: int | None) -> jax.Array | None:
+    """The order that groups clients of similar local steps into chunks, or None when
+    there are no vmapped chunks to form (chunk 1: one client at a time; one chunk: all)."""
+    if not SORT_CHUNKS_BY_STEPS or chunk is None or chunk <= 1 or chunk >= sizes.shape[0]:
+        return None
+    return jnp.argsort(sizes, stable=True)  # steps = size // batch: the same grouping
 
 
 def _fits(
@@ -689,8 +704,9 @@ class Simulation:
         # contiguous blocks. Under full participation once (`train_order`, also the data
         # blocks' layout); with sampled participants on replicated data, every round. Rows
         # are put back in order after training, so only which device trains a client
-        # changes. (With vmapped chunks a device pays its slowest client's steps for every
-        # client; with data blocks, a participant must train where its data is.)
+        # changes. (With vmapped chunks a chunk pays its slowest client's steps for every
+        # client: there each device groups its own clients by steps, `_by_steps`. With data
+        # blocks, a participant must train where its data is.)
         self.client_steps = plan.partition.sizes // cfg.batch_size * plan.epochs  # per round
         self.train_order = None
         self.balance_rounds = False
@@ -1122,6 +1138,9 @@ class Simulation:
         )
         xs = self._client_inputs(data, ids, keys, jnp.zeros((n, 1)))
         one = self._client_fn(data.train, state.global_flat, attack_on, state.hooks)
+        order = _by_steps(xs[1], chunk)  # chunks of similar steps (float32 sum order only)
+        if order is not None:
+            xs, base = jax.tree.map(lambda a: a[order], (xs, base))
 
         def fold(acc, part):
             xs_c, b = part
@@ -1144,6 +1163,9 @@ class Simulation:
             acc, (l2, p2, ok2) = fold(acc, (jax.tree.map(lambda a: a[full:], xs), base[full:]))
             loss, proj = jnp.concatenate([loss, l2]), jnp.concatenate([proj, p2])
             ok = jnp.concatenate([ok, ok2])
+        if order is not None:  # back to `ids` order
+            inv = jnp.argsort(order)
+            loss, proj, ok, base = loss[inv], proj[inv], ok[inv], base[inv]
         total, weight = acc
         new_global = jnp.where(
             weight > 0, total / jnp.where(weight > 0, weight, 1.0), state.global_flat
@@ -1164,8 +1186,13 @@ class Simulation:
             chunk = self.client_chunk
             if chunk is None or chunk >= xs[0].shape[0]:
                 return jax.vmap(one)(xs)
-            # chunk 1: a plain scan over clients (batch_size=1 would add a size-1 vmap axis).
-            return jax.lax.map(one, xs) if chunk == 1 else jax.lax.map(one, xs, batch_size=chunk)
+            if chunk == 1:  # a plain scan (batch_size=1 would add a size-1 vmap axis)
+                return jax.lax.map(one, xs)
+            order = _by_steps(xs[1], chunk)
+            if order is None:
+                return jax.lax.map(one, xs, batch_size=chunk)
+            out = jax.lax.map(one, jax.tree.map(lambda a: a[order], xs), batch_size=chunk)
+            return jax.tree.map(lambda a: a[jnp.argsort(order)], out)
 
         if self.mesh is None:
             return train_block(data.train, xs, state.global_flat, attack_on, state.hooks)

@@ -41,6 +41,30 @@ def test_round_throughput_tiny(tmp_path):
     assert res["environment"]["backend"] == "cpu"
 
 
+def test_chunk_grouping_tiny(tmp_path):
+    out = tmp_path / "c.json"
+    argv = "--clients 5 --client-chunk 2 --model mlp --samples 1200 --batch-size 16 --repeats 1"
+    mod = _load("chunk_grouping")
+    assert mod.main([*argv.split(), "--json", str(out)]) == 0
+    from spmc_jax import engine
+
+    assert engine.SORT_CHUNKS_BY_STEPS is True  # the switch is restored after tracing
+    (row,) = json.loads(out.read_text())["rows"]
+    steps = row["steps_per_epoch"]
+    assert len(steps) == 5 and row["epochs"] == 1 and row["client_chunk"] == 2
+    # Computed client-steps: chunks of 2 in sorted and in id order, one by one, one chunk.
+    assert row["grouped"]["computed_client_steps"] == mod.chunk_cost(sorted(steps), 2)
+    assert row["id_order"]["computed_client_steps"] == mod.chunk_cost(steps, 2)
+    assert row["one_by_one"]["computed_client_steps"] == sum(steps)
+    assert row["all_vmapped"]["computed_client_steps"] == 5 * max(steps)
+    assert mod.chunk_cost([1, 5, 2, 2, 3, 9], 2) == 10 + 4 + 18  # hand-checked
+    for v in mod.VARIANTS:  # the same federation: only float32 order differs
+        assert row[v]["max_abs_diff_vs_grouped"] <= 1e-5 and row[v]["round_s"] > 0
+    # One sample: each ratio is the plain quotient of the two rounds.
+    ratio = row["id_order"]["round_s"] / row["grouped"]["round_s"]
+    assert math.isclose(row["speedup_grouped_vs_id_order"]["median"], ratio, rel_tol=1e-9)
+
+
 def test_aggregator_scaling_tiny(tmp_path):
     out = tmp_path / "a.json"
     argv = ["--n", "4", "--d", "1000", "--repeats", "1", "--json", str(out)]

@@ -81,6 +81,68 @@ def test_chunked_client_axis_equals_vmapped(blobs):
     np.testing.assert_allclose(a[0]["loss"], b[0]["loss"], rtol=1e-5)
 
 
+def _counted_round(cfg, ds):
+    """One round of the real Simulation with every local step counted as it runs (one
+    count per client and step, including the steps a vmapped chunk computes for clients
+    already done). Returns (global_flat, count, the clients' steps per epoch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from spmc_jax.client import local_train_from_step
+
+    sim = Simulation(cfg, ds)
+    calls = []
+
+    def counted(*args, **kw):
+        out = sim.client_step(*args, **kw)
+        # A batched operand: under vmap the callback runs once per client (lane).
+        jax.debug.callback(lambda loss: calls.append(np.size(loss)), out.loss)
+        return out
+
+    sim.local_train = local_train_from_step(
+        counted,
+        sim._tx,
+        batch_size=cfg.batch_size,
+        steps_per_epoch=sim.plan.steps_per_epoch,
+        epochs=sim.plan.epochs,
+    )
+    state, _ = sim.run_rounds(sim.init_state(), sim.data, 1, jnp.asarray(0))
+    jax.effects_barrier()
+    steps = np.asarray(sim.plan.partition.sizes) // cfg.batch_size
+    return np.asarray(state.global_flat), sum(calls), steps
+
+
+def _chunk_cost(steps, chunk):
+    """Client-steps computed when chunks of `chunk` clients (in the given order, the last
+    one smaller) each run their largest client's count."""
+    return sum(len(c) * max(c) for c in (steps[i : i + chunk] for i in range(0, len(steps), chunk)))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vmapped_chunks_group_clients_by_steps_and_run_only_their_steps(blobs, monkeypatch, stream):
+    from spmc_jax import engine
+
+    # 5 unequal clients (Dirichlet) in chunks of 2: two chunks and a remainder of one.
+    cfg = Config(
+        defense="fedavg", model="mlp", client_chunk=2, stream_aggregation=stream,
+        **{**TINY, "rounds": 1, "clients": 5},
+    )  # fmt: skip
+    g_one, n_one, steps = _counted_round(cfg.replace(client_chunk=1), blobs)
+    assert n_one == steps.sum()  # one client at a time: exactly each client's own steps
+    by_steps = _chunk_cost(sorted(steps.tolist()), 2)
+    by_id = _chunk_cost(steps.tolist(), 2)
+    assert by_steps < by_id < 5 * steps.max()  # the split makes the three rules differ
+    g_sorted, n_sorted, _ = _counted_round(cfg, blobs)
+    assert n_sorted == by_steps
+    monkeypatch.setattr(engine, "SORT_CHUNKS_BY_STEPS", False)
+    g_id, n_id, _ = _counted_round(cfg, blobs)
+    assert n_id == by_id
+    # Which clients share a chunk changes no client's training, only the float32 order of
+    # vmapped arithmetic (and, streamed, of the running sum).
+    np.testing.assert_allclose(g_sorted, g_id, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_sorted, g_one, rtol=1e-5, atol=1e-6)
+
+
 def test_nonfinite_client_never_poisons_the_global_model(blobs):
     import jax.numpy as jnp
 
