@@ -185,8 +185,8 @@ MEMORY_FRACTION = 0.8  # of the device's memory a plan may use (XLA needs headro
 # Clients trained in vmapped chunks (1 < chunk < clients on a device) are grouped by local
 # steps: a chunk runs its largest client's count, so chunks of similar clients waste fewer
 # steps than chunks in id order (paper MNIST split, chunk 5: 1060 computed client-steps
-# instead of 1220). Results are unchanged: rows return to id order. A module switch so that
-# benchmarks can time the id order in the same process.
+# instead of 1220). The rows are unchanged and return to id order (a streamed sum changes in
+# float32 order only). A module switch, so that benchmarks can time the id order in-process.
 SORT_CHUNKS_BY_STEPS = True
 
 
