@@ -198,6 +198,15 @@ def _by_steps(sizes: jax.Array, chunk: int | None) -> jax.Array | None:
     return jnp.argsort(sizes, stable=True)  # steps = size // batch: the same grouping
 
 
+def _permuted(fn: Callable[[Any], Any], xs: Any, perm: jax.Array | None) -> Any:
+    """`fn` on the client inputs `xs` taken in `perm` order, its outputs put back in the
+    order of `xs` (so only which clients train together / where changes)."""
+    if perm is None:
+        return fn(xs)
+    out = fn(jax.tree.map(lambda a: a[perm], xs))
+    return jax.tree.map(lambda a: a[jnp.argsort(perm)], out)
+
+
 def _fits(
     cfg: Config, dim: int, act_floats: int, data_bytes: int, chunk: int, budget: float
 ) -> bool:
@@ -1188,11 +1197,8 @@ class Simulation:
                 return jax.vmap(one)(xs)
             if chunk == 1:  # a plain scan (batch_size=1 would add a size-1 vmap axis)
                 return jax.lax.map(one, xs)
-            order = _by_steps(xs[1], chunk)
-            if order is None:
-                return jax.lax.map(one, xs, batch_size=chunk)
-            out = jax.lax.map(one, jax.tree.map(lambda a: a[order], xs), batch_size=chunk)
-            return jax.tree.map(lambda a: a[jnp.argsort(order)], out)
+            run = functools.partial(jax.lax.map, one, batch_size=chunk)
+            return _permuted(run, xs, _by_steps(xs[1], chunk))
 
         if self.mesh is None:
             return train_block(data.train, xs, state.global_flat, attack_on, state.hooks)
@@ -1205,9 +1211,7 @@ class Simulation:
             perm = jnp.asarray(self.train_order, jnp.int32)
         elif self.balance_rounds:  # this round's participants
             perm = balanced_permutation(data.sizes[ids] // self.cfg.batch_size, self.mesh.size)
-        if perm is not None:
-            xs = jax.tree.map(lambda a: a[perm], xs)
-        out = jax.shard_map(
+        sharded = jax.shard_map(
             train_block,
             mesh=self.mesh,
             in_specs=(c if self.n_blocks > 1 else r, c, r, r, r),
@@ -1215,10 +1219,13 @@ class Simulation:
             # No collectives inside: every device only reads its inputs. Without this, the
             # scans' carries (start: the replicated global model) fail the varying-axes check.
             check_vma=False,
-        )(data.train, xs, state.global_flat, attack_on, state.hooks)
-        if perm is not None:  # back to `ids` order: the rules see the rows as without it
-            out = jax.tree.map(lambda a: a[jnp.argsort(perm)], out)
-        return out
+        )
+        # Rows come back in `ids` order: the rules see them as without the placement.
+        return _permuted(
+            lambda xs: sharded(data.train, xs, state.global_flat, attack_on, state.hooks),
+            xs,
+            perm,
+        )
 
     def _round(self, state: RunState, data: SimData, r: jax.Array) -> tuple[RunState, RoundOut]:
         key = jax.random.fold_in(state.key, r)
