@@ -6,7 +6,10 @@ Variants (each a fresh `Simulation` whose jitted `local_train` is traced under t
   over blocks of N images, each block's im2col recomputed in the backward pass) or one block;
 - `no-crop`: the training transform without its random crop, at the default block: an upper
   bound on what fusing the crop into conv1's im2col gather could save (the fused version
-  still has to gather the same pixels).
+  still has to gather the same pixels);
+- `no-fold`: `layers.FOLD_EQUAL_CHANNELS` off, at the default block: the stem convolves all
+  3 channels of the (equal-channel, MNIST-kind) images instead of one channel with the
+  kernel summed over channels. The timed client is benign (its batches are clean).
 
 All variants run A B C … A B C … `--repeats` times; per sample: steps/s (wall) and CPU ms per
 step (`time.process_time`, all threads), whose ratio to the first variant's is far less
@@ -15,6 +18,7 @@ weights are compared with every other's (max |diff|: float32 summation order, or
 changed augmentation for `no-crop`).
 
     python benchmarks/cpu_levers.py --defense fedavg --variants block-none block-8 block-4
+    python benchmarks/cpu_levers.py --defense fedavg spmc --variants block-8 no-fold
 """
 
 from __future__ import annotations
@@ -48,24 +52,27 @@ def _no_crop(key: jax.Array, x: jax.Array, size: int = 32, pad: int = 4) -> jax.
 
 
 def _settings(name: str) -> dict[str, Any]:
-    """`block-N`, `block-none` or `no-crop` -> the module settings it traces under."""
+    """`block-N`, `block-none`, `no-crop` or `no-fold` -> the module settings it traces under."""
     default = layers.IM2COL_BATCH_BLOCK
     if name == "no-crop":
-        return {"block": default, "crop": _no_crop}
+        return {"block": default, "crop": _no_crop, "fold": True}
+    if name == "no-fold":
+        return {"block": default, "crop": pipeline.random_crop, "fold": False}
     if name.startswith("block-"):
         v = name.removeprefix("block-")
         if v == "none":
-            return {"block": None, "crop": pipeline.random_crop}
+            return {"block": None, "crop": pipeline.random_crop, "fold": True}
         if v.isdigit() and int(v) > 0:
-            return {"block": int(v), "crop": pipeline.random_crop}
-    raise SystemExit(f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop")
+            return {"block": int(v), "crop": pipeline.random_crop, "fold": True}
+    raise SystemExit(f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold")
 
 
 def build(defense: str, name: str, steps: int, batch_size: int):
     """`(run, final_variables)` of the variant: `run()` = one jitted local training."""
     s = _settings(name)
-    saved = layers.IM2COL_BATCH_BLOCK, pipeline.random_crop
+    saved = layers.IM2COL_BATCH_BLOCK, pipeline.random_crop, layers.FOLD_EQUAL_CHANNELS
     layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = s["block"], s["crop"]
+    layers.FOLD_EQUAL_CHANNELS = s["fold"]
     try:
         args = argparse.Namespace(
             samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
@@ -89,7 +96,7 @@ def build(defense: str, name: str, steps: int, batch_size: int):
 
         out = run()  # traced and compiled here, under the variant's settings
     finally:
-        layers.IM2COL_BATCH_BLOCK, pipeline.random_crop = saved
+        layers.IM2COL_BATCH_BLOCK, pipeline.random_crop, layers.FOLD_EQUAL_CHANNELS = saved
     return run, out
 
 

@@ -5,7 +5,11 @@ Issue 14, second goal. Both contenders run one communication round of the Table 
 partition, so both train on the same client sizes), SimpleCNN, batch 64 with `drop_last`,
 SGD(lr 0.01, momentum 0.9, wd 1e-5) re-created per client, FedAvg clients 1 local epoch,
 SPMC clients 10, no attack (`--attack none`: the backdoor stamp is a negligible cost on both
-sides and would need a second implementation here).
+sides and would need a second implementation here). `--gamma G` runs the engine's round with
+the base backdoor on a fraction G of the clients (PyTorch still without): their poisoned
+batches have an unequal channel 0, so they take the full stem convolution instead of the
+one-channel fold (`layers.FOLD_EQUAL_CHANNELS`) the clean grayscale batches take;
+`--compare-no-fold` also times the engine with the fold off, in the same interleave.
 
 - Engine: `Simulation.run_rounds(state, data, 1, r)`, the jitted round (`python -m
   spmc_jax.train --protocol paper` runs the same function), training + aggregation, no
@@ -58,6 +62,7 @@ from spmc_jax.config import Config
 from spmc_jax.data.pipeline import pil_bilinear_resize
 from spmc_jax.data.types import MEAN, STD
 from spmc_jax.engine import Simulation, make_plan
+from spmc_jax.models import layers
 
 DEFENSES = ("fedavg", "spmc")
 PAPER_EPOCHS = {"fedavg": 1, "spmc": 10}  # spmc_reference.md §1.4
@@ -77,21 +82,27 @@ def build_simulation(
         local_epochs=args.spmc_epochs if defense == "spmc" else None,
         batch_size=args.batch_size,
         defense=defense,
-        attack="none",
+        attack="base" if args.gamma > 0 else "none",
+        gamma=args.gamma,
         seed=args.seed,
     )
     return Simulation(cfg, ds, make_plan(cfg, ds))
 
 
-def engine_round(sim: Simulation):
+def engine_round(sim: Simulation, fold: bool = True):
     """`(run, compile_s)`: `run()` = one jitted round from the initial state; `compile_s` =
-    the round's trace + lower + XLA compile (ahead of time, so not mixed with a round)."""
+    the round's trace + lower + XLA compile (ahead of time, so not mixed with a round).
+    `fold`: `layers.FOLD_EQUAL_CHANNELS` while the round is traced."""
     state = sim.init_state()
     data = sim.data
     r = jnp.asarray(1, jnp.int32)  # round 2 (0-based 1): SPMC teachers are in use
-    t0 = time.perf_counter()
-    compiled = sim.run_rounds.lower(state, data, 1, r).compile()
-    compile_s = time.perf_counter() - t0
+    saved, layers.FOLD_EQUAL_CHANNELS = layers.FOLD_EQUAL_CHANNELS, fold
+    try:
+        t0 = time.perf_counter()
+        compiled = sim.run_rounds.lower(state, data, 1, r).compile()
+        compile_s = time.perf_counter() - t0
+    finally:
+        layers.FOLD_EQUAL_CHANNELS = saved
 
     def run() -> Any:
         return jax.block_until_ready(compiled(state, data, r)[0].global_flat)
@@ -202,15 +213,20 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
     epochs = sim.plan.epochs
     sizes = np.asarray(sim.plan.partition.sizes)
     run_e, compile_s = engine_round(sim)
-    run_c = None
+    run_c = run_nf = None
     if args.compare_contiguous:  # the same round, clients on devices in contiguous id blocks
         sim_c = build_simulation(defense, args, ds, balance=False)
         run_c = engine_round(sim_c)[0]
+    if args.compare_no_fold:  # the same round, the stem always convolving all 3 channels
+        # A Simulation of its own: a jitted function reuses its trace, whatever the flag.
+        run_nf = engine_round(build_simulation(defense, args, ds), fold=False)[0]
     run_t = torch_round(torch, sim, defense, epochs, args.seed)
     secs: dict[str, list[float]] = {"engine": []} | {f"pytorch_{t}t": [] for t in args.threads}
     ratios: dict[str, list[float]] = {f"pytorch_{t}t": [] for t in args.threads}
     if run_c is not None:
         secs["engine_contiguous"], ratios["engine_contiguous"] = [], []
+    if run_nf is not None:
+        secs["engine_no_fold"], ratios["engine_no_fold"] = [], []
     for th in args.threads:  # warm-up (oneDNN primitive caches, thread pools)
         torch.set_num_threads(th)
         run_t(limit=3)
@@ -226,6 +242,12 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
             c = time.perf_counter() - t0
             secs["engine_contiguous"].append(c)
             ratios["engine_contiguous"].append(c / e)
+        if run_nf is not None:
+            t0 = time.perf_counter()
+            run_nf()
+            nf = time.perf_counter() - t0
+            secs["engine_no_fold"].append(nf)
+            ratios["engine_no_fold"].append(nf / e)
         for th in args.threads:
             torch.set_num_threads(th)
             t0 = time.perf_counter()
@@ -236,6 +258,7 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         print(
             f"  {defense}: engine {e:.2f} s, "
             + (f"contiguous {secs['engine_contiguous'][-1]:.2f} s, " if run_c else "")
+            + (f"no fold {secs['engine_no_fold'][-1]:.2f} s, " if run_nf else "")
             + ", ".join(
                 f"pytorch {th} thr {secs[f'pytorch_{th}t'][-1]:.2f} s" for th in args.threads
             ),
@@ -252,6 +275,8 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         "engine_scan_steps": int(sim.plan.steps_per_epoch) * epochs * len(sizes),
         "conv_impl": sim.conv_impl,
         "client_chunk": sim.client_chunk,
+        "gamma": args.gamma,
+        "fold_equal_channels": layers.FOLD_EQUAL_CHANNELS,
         "client_devices": 1 if sim.mesh is None else int(sim.mesh.size),
         "engine_compile_s": compile_s,
         "compilation_cache": jax.config.jax_compilation_cache_dir,
@@ -322,6 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the engine with --no-balance-clients (clients on devices in "
         "contiguous id blocks) in the same interleave; ratio = contiguous s / balanced s",
     )
+    p.add_argument(
+        "--compare-no-fold",
+        action="store_true",
+        help="also time the engine with layers.FOLD_EQUAL_CHANNELS off (the stem convolving "
+        "all 3 equal channels) in the same interleave; ratio = no-fold s / engine s",
+    )
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=0.0,
+        help="the engine runs the base backdoor on this fraction of clients (their poisoned "
+        "batches take the full stem convolution); PyTorch runs no attack. Default 0: none",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.cpu_devices is not None:
@@ -331,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("repeats", "spmc_epochs", "clients", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}; accepted: >= 1")
+    if not 0.0 <= args.gamma < 1.0:
+        raise SystemExit(f"--gamma {args.gamma}; accepted: 0 <= gamma < 1")
     if min(args.threads) < 1:
         raise SystemExit(f"--threads {args.threads}; accepted: integers >= 1")
     if args.spmc_epochs > PAPER_EPOCHS["spmc"]:
@@ -357,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         if "engine_contiguous" in r:
             n = "engine_contiguous"
             parts.append(f"contiguous {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
+        if "engine_no_fold" in r:
+            n = "engine_no_fold"
+            parts.append(f"no fold {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
         for th in args.threads:
             n = f"pytorch_{th}t"
             parts.append(f"pytorch {th} thr {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")

@@ -136,9 +136,11 @@ def test_round_vs_pytorch_tiny(tmp_path):
     # SPMC only: its PyTorch client (teacher, two backward passes, projection) is the
     # involved one, and one engine compile keeps the test short.
     argv = "--defense spmc --synthetic 400 --clients 2 --batch-size 16 --repeats 2 --threads 1"
-    assert mod.main([*argv.split(), "--compare-contiguous", "--json", str(out)]) == 0
+    extra = ["--compare-contiguous", "--compare-no-fold", "--gamma", "0.5"]
+    assert mod.main([*argv.split(), *extra, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
+    assert row["gamma"] == 0.5 and row["fold_equal_channels"] is True
     # 1 of SPMC's 10 paper epochs by default, and the fraction says so.
     assert (row["local_epochs"], row["paper_local_epochs"], row["round_fraction"]) == (1, 10, 0.1)
     sizes = row["client_sizes"]
@@ -156,21 +158,32 @@ def test_round_vs_pytorch_tiny(tmp_path):
     for e, c, r in zip(eng, con, row["ratio"]["engine_contiguous"]["samples"], strict=True):
         assert c > 0 and math.isclose(r, c / e, rel_tol=1e-9)
     assert row["client_order"] is None and row["device_steps"] is None
+    nof = row["engine_no_fold"]["samples"]
+    for e, n, r in zip(eng, nof, row["ratio"]["engine_no_fold"]["samples"], strict=True):
+        assert n > 0 and math.isclose(r, n / e, rel_tol=1e-9)
     best = row["ratio_vs_best_pytorch"]["samples"]
     assert best == row["ratio"]["pytorch_1t"]["samples"]  # PyTorch's columns only
+
+
+def test_round_vs_pytorch_rejects_a_bad_gamma_before_any_work():
+    # Checked before PyTorch is imported or data is read: runs without the bench extra.
+    with pytest.raises(SystemExit, match="accepted: 0 <= gamma < 1"):
+        _load("round_vs_pytorch").main(["--gamma", "1.5"])
 
 
 def test_cpu_levers_tiny(tmp_path):
     mod = _load("cpu_levers")
     out = tmp_path / "l.json"
-    argv = "--variants block-none block-4 --steps 1 --repeats 2 --batch-size 8"
+    argv = "--variants block-none block-4 no-fold --steps 1 --repeats 2 --batch-size 8"
     assert mod.main([*argv.split(), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["block-none", "block-4"]
-    base, blk = rows
+    assert [r["variant"] for r in rows] == ["block-none", "block-4", "no-fold"]
+    base, blk, nof = rows
     assert base["max_abs_diff_vs_first"] == 0.0
-    # Blocking changes only the float32 summation order of one SGD step.
+    # Blocking, and the stem's 3 equal channels convolved without the fold, change only the
+    # float32 summation order of one SGD step.
     assert blk["max_abs_diff_vs_first"] < 1e-5
+    assert 0.0 < nof["max_abs_diff_vs_first"] < 1e-5
     for r in rows:
         assert len(r["cpu_ms_per_step"]["samples"]) == 2 and r["steps_per_s"]["median"] > 0
     assert base["wall_speedup"]["samples"] == [1.0, 1.0]

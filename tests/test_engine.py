@@ -143,6 +143,72 @@ def test_vmapped_chunks_group_clients_by_steps_and_run_only_their_steps(blobs, m
     np.testing.assert_allclose(g_sorted, g_one, rtol=1e-5, atol=1e-6)
 
 
+def _local_with_fold_flags(cfg, ds, clients, fold, monkeypatch):
+    """Each of `clients`' jitted local training in the real Simulation (one compile), with
+    the stem's fold decision (`layers._in_every_lane`'s output) recorded each time it runs.
+    Returns {client: (final flat weights, its decisions, its local steps)}."""
+    import jax
+    import jax.numpy as jnp
+
+    from spmc_jax.client import ClientTask
+    from spmc_jax.engine import first_block
+    from spmc_jax.models import layers
+
+    monkeypatch.setattr(layers, "FOLD_EQUAL_CHANNELS", fold)
+    sim = Simulation(cfg, ds)
+    assert sim.conv_impl == "patches"
+    state, data = sim.init_state(), sim.data
+    v = sim.flat.unravel(state.global_flat)
+    decided: list[bool] = []
+    every_lane = layers._in_every_lane
+
+    def recorded(flag):
+        out = every_lane(flag)
+        jax.debug.callback(lambda f: decided.append(bool(f)), out)
+        return out
+
+    monkeypatch.setattr(layers, "_in_every_lane", recorded)
+    local = jax.jit(sim.local_train)
+    res = {}
+    for c in clients:
+        task = ClientTask(
+            data.idx[c], data.sizes[c], data.malicious[c], data.rank[c], jax.random.key(1)
+        )
+        out = local(v, v, first_block(data.train), task, jnp.asarray(True))
+        w = np.asarray(sim.flat.ravel(out.variables))
+        jax.effects_barrier()
+        res[c] = (w, decided.copy(), int(data.sizes[c]) // cfg.batch_size * sim.plan.epochs)
+        decided.clear()
+    monkeypatch.setattr(layers, "_in_every_lane", every_lane)
+    return res
+
+
+@pytest.mark.parametrize("defense,forwards", [("fedavg", 1), ("spmc", 2)])
+def test_grayscale_batches_fold_the_stem_and_poisoned_batches_do_not(
+    blobs, monkeypatch, defense, forwards
+):
+    """MNIST-kind data (grayscale, replicated to 3 channels) through the real Simulation: each
+    clean batch's stem convolution takes the one-channel fold, each poisoned batch (the base
+    trigger writes channel 0 only; poison rate 1 so every batch has it) the full one. The
+    fold moves a benign client's weights by float32 order only; the attacker's are bit for
+    bit those without the fold. SPMC runs the stem twice per step (student and teacher)."""
+    cfg = Config(
+        defense=defense, attack_opts=(("base", "poison_rate", "1.0"),), **{**TINY, "rounds": 1}
+    )
+    benign, attacker = 0, 3  # the last ⌊4·0.25⌋ = 1 client attacks
+    on = _local_with_fold_flags(cfg, blobs, (benign, attacker), True, monkeypatch)
+    off = _local_with_fold_flags(cfg, blobs, (benign, attacker), False, monkeypatch)
+    (w_on, decided, steps), (w_off, undecided, _) = on[benign], off[benign]
+    assert steps > 0 and decided == [True] * (forwards * steps)
+    assert undecided == []  # switched off: no decision is made
+    assert not np.array_equal(w_on, w_off)
+    # float32 summation order over `steps` SGD steps of a small CNN: ~1e-7 per step.
+    np.testing.assert_allclose(w_on, w_off, rtol=1e-5, atol=1e-6)
+    (w_on, decided, steps), (w_off, _, _) = on[attacker], off[attacker]
+    assert steps > 0 and decided == [False] * (forwards * steps)
+    np.testing.assert_array_equal(w_on, w_off)
+
+
 def test_nonfinite_client_never_poisons_the_global_model(blobs):
     import jax.numpy as jnp
 

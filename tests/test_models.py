@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from spmc_jax.flat import Flattener
-from spmc_jax.models import get_model
+from spmc_jax.models import get_model, layers
 from spmc_jax.models.layers import FULL_IM2COL_MAX_CIN, IM2COL_BATCH_BLOCK, conv2d, max_pool
-from tests.reference.conv_oracle import conv2d_nhwc, conv2d_nhwc_kernel_grad
+from tests.reference.conv_oracle import (
+    conv2d_nhwc,
+    conv2d_nhwc_input_grad,
+    conv2d_nhwc_kernel_grad,
+)
 
 
 def _init(name, impl="lax"):
@@ -89,6 +93,94 @@ def test_patch_conv_batch_blocks_match_float64_oracle(cin, stride, pad):
     # dx against XLA's own convolution (independent of the im2col code).
     dx_lax = jax.grad(lambda x: jnp.sum(conv2d(x, k, stride, pad, "lax") * g))(x)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_lax), rtol=1e-5, atol=1e-5)
+
+
+def _gray(key, b, h, w, cin):
+    """(b, h, w, cin) images whose channels are all equal (grayscale replicated)."""
+    g = jax.random.normal(key, (b, h, w, 1))
+    return jnp.broadcast_to(g, (b, h, w, cin))
+
+
+@pytest.mark.parametrize(
+    "cin,b,stride,pad", [(3, 2, 1, 0), (3, 3 * IM2COL_BATCH_BLOCK, 1, 2), (2, 3, 2, 1)]
+)
+def test_equal_channel_fold_matches_float64_oracle(cin, b, stride, pad):
+    # Equal channels take the one-channel fold (blocked at b = 24); value, kernel gradient
+    # and input gradient against the float64 definitions of the full convolution. The input
+    # gradient is the one the folded map alone would get wrong (all of it on channel 0).
+    kx, kk, kg = jax.random.split(jax.random.key(4), 3)
+    x = _gray(kx, b, 12, 11, cin)
+    k = jax.random.normal(kk, (5, 5, cin, 4))
+    y = conv2d(x, k, stride, pad, "patches")
+    xn, kn = np.asarray(x), np.asarray(k)
+    # float32 sums of <= 75 unit-normal products: ~1e-6 relative to their magnitude.
+    want = conv2d_nhwc(xn, kn, stride, pad)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, y.shape)
+    dx, dk = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, stride, pad, "patches") * g), (0, 1))(x, k)
+    gn = np.asarray(g)
+    # dk sums up to b·oh·ow = 24·8·7 products of magnitude ~1 per entry: float32 order ~1e-5.
+    want_dk = conv2d_nhwc_kernel_grad(xn, gn, k.shape, stride, pad)
+    np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5, atol=1e-4)
+    want_dx = conv2d_nhwc_input_grad(gn, kn, x.shape, stride, pad)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+    # It really was the fold: bit for bit the one-channel convolution of the summed kernel.
+    fold = layers._blocked_patches_conv(x[..., :1], k.sum(2, keepdims=True), stride, pad)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fold))
+
+
+def test_unequal_channels_take_the_full_convolution_bit_for_bit(monkeypatch):
+    # One pixel of channel 0 differs (a backdoor trigger's case): the full convolution, with
+    # exactly the values and gradients it has with the fold switched off.
+    kx, kk = jax.random.split(jax.random.key(5))
+    x = _gray(kx, 2 * IM2COL_BATCH_BLOCK, 12, 12, 3).at[1, 0, 0, 0].add(1.0)
+    k = jax.random.normal(kk, (5, 5, 3, 4))
+
+    def run():
+        f = lambda x, k: jnp.sum(conv2d(x, k, 1, 0, "patches") ** 2)
+        return conv2d(x, k, 1, 0, "patches"), jax.grad(f, (0, 1))(x, k)
+
+    on = run()
+    monkeypatch.setattr(layers, "FOLD_EQUAL_CHANNELS", False)
+    off = run()
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fold = layers._blocked_patches_conv(x[..., :1], k.sum(2, keepdims=True), 1, 0)
+    assert not np.array_equal(np.asarray(on[0]), np.asarray(fold))  # the test can tell
+
+
+def test_equal_channel_fold_higher_order_and_vmap_agree_with_the_full_convolution(monkeypatch):
+    # Forward-over-reverse (3DFed's Hessian-vector product), in the kernel and in the input,
+    # and vmapped lanes: one real `cond` for all lanes (fold only if every lane is equal).
+    kx, kk, kt = jax.random.split(jax.random.key(6), 3)
+    x = _gray(kx, 4, 10, 10, 3)
+    k = jax.random.normal(kk, (5, 5, 3, 4))
+    t = jax.random.normal(kt, k.shape)
+    xs_equal = jnp.stack([x, 2.0 * x])
+    xs_mixed = jnp.stack([x, x.at[0, 3, 3, 2].add(1.0)])
+
+    def loss(x, k):
+        return jnp.sum(jnp.tanh(conv2d(x, k, 1, 1, "patches")))
+
+    def all_of_it():
+        return {
+            "hvp_k": jax.jvp(lambda k: jax.grad(loss, 1)(x, k), (k,), (t,))[1],
+            "hvp_xk": jax.jvp(lambda x: jax.grad(loss, 1)(x, k), (x,), (0.5 * x,))[1],
+            "hvp_x": jax.jvp(lambda x: jax.grad(loss, 0)(x, k), (x,), (0.5 * x,))[1],
+            "vmap_equal": jax.vmap(jax.grad(loss, 1), (0, None))(xs_equal, k),
+            "vmap_mixed": jax.vmap(jax.grad(loss, 1), (0, None))(xs_mixed, k),
+        }
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(jax.grad(loss, 1), (0, None)))(xs_equal, k))
+    assert "cond[" in jaxpr and "select_n" not in jaxpr  # both lanes share one branch
+    on = all_of_it()
+    monkeypatch.setattr(layers, "FOLD_EQUAL_CHANNELS", False)
+    off = all_of_it()
+    np.testing.assert_array_equal(np.asarray(on["vmap_mixed"]), np.asarray(off["vmap_mixed"]))
+    assert not np.array_equal(np.asarray(on["vmap_equal"]), np.asarray(off["vmap_equal"]))
+    for name in on:
+        # float32 order: the fold sums the kernel over channels before the dot.
+        np.testing.assert_allclose(on[name], off[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "resnet10"])

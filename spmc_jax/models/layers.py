@@ -18,6 +18,13 @@ reference's training dynamics (lr 0.01, no warm-up) carry over.
     row-wise matmuls (K = 15) were too thin (issue 14); they run over blocks of
     `IM2COL_BATCH_BLOCK` images, so the buffer stays in cache.
 
+An input of 2-3 channels that are all equal (grayscale replicated to RGB, as the (F)MNIST
+transforms do) takes, through a runtime `lax.cond`, a one-channel convolution with the kernel
+summed over its input channels (`FOLD_EQUAL_CHANNELS`): the same value up to float32
+summation order, a third of the stem's im2col and matmul work (issue 14, one core: FedAvg
+steps 1.47x, SPMC steps 1.33x faster). A batch with any unequal pixel (a channel-0 backdoor
+trigger, a colour image) takes the full convolution, bit for bit as without the fold.
+
 `max_pool` is reshape + max with a custom gradient that routes each window's gradient to
 its first maximum (row-major), exactly what `reduce_window`'s select-and-scatter and
 PyTorch's MaxPool2d do; it runs ~25 % faster than `reduce_window` on CPU.
@@ -31,6 +38,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import custom_batching, lax
+from jax.custom_derivatives import SymbolicZero
 
 CONV_IMPLS = ("lax", "patches")
 # "patches" builds the full im2col (one matmul) when the input has at most this many channels.
@@ -42,6 +51,9 @@ FULL_IM2COL_MAX_CIN = 3
 # step. Row-wise convolutions are not blocked: their buffer is kw times smaller, and a
 # sequential loop of small matmuls made conv2 slower (1.2x faster steps without it).
 IM2COL_BATCH_BLOCK: int | None = 8
+# "patches" convolves a 2-3 channel input whose channels are all equal as one channel with the
+# kernel summed over its input channels (module docstring). False: always the full input.
+FOLD_EQUAL_CHANNELS = True
 
 
 def torch_uniform(fan_in: int):
@@ -72,6 +84,20 @@ def conv2d(
         )
     if impl != "patches":
         raise ValueError(f"conv_impl={impl!r}; accepted: {CONV_IMPLS}")
+    if FOLD_EQUAL_CHANNELS and 1 < x.shape[-1] <= FULL_IM2COL_MAX_CIN:
+        equal = _in_every_lane(jnp.all(x == x[..., :1]))
+        return lax.cond(
+            equal,
+            lambda x, k: _equal_channels_conv(x, k, stride, padding),
+            lambda x, k: _blocked_patches_conv(x, k, stride, padding),
+            x,
+            kernel,
+        )
+    return _blocked_patches_conv(x, kernel, stride, padding)
+
+
+def _blocked_patches_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """The "patches" convolution, over batch blocks where the full im2col applies."""
     b, blk = x.shape[0], IM2COL_BATCH_BLOCK
     full = x.shape[-1] <= FULL_IM2COL_MAX_CIN
     if full and blk is not None and b > blk and b % blk == 0:
@@ -79,6 +105,54 @@ def conv2d(
         y = jax.lax.map(one, x.reshape(b // blk, blk, *x.shape[1:]))
         return y.reshape(b, *y.shape[2:])
     return _patches_conv(x, kernel, stride, padding)
+
+
+@custom_batching.custom_vmap
+def _in_every_lane(flag: jax.Array) -> jax.Array:
+    """`flag` (a bool scalar); under `vmap`, one unbatched bool: whether it holds in every lane.
+
+    Keeps the fold's `lax.cond` a real branch when clients (or federations) are vmapped: a
+    batched predicate would turn it into a select that computes both convolutions. Every
+    lane then takes the fold, or none does; both are exact.
+    """
+    return flag
+
+
+@_in_every_lane.def_vmap
+def _in_every_lane_vmap(
+    axis_size: int, in_batched: list[bool], flag: jax.Array
+) -> tuple[jax.Array, bool]:
+    del axis_size
+    return (jnp.all(flag) if in_batched[0] else flag), False
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _equal_channels_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`conv2d` of an input whose channels are all equal: Σ_c x_c ⋆ k_c = x_0 ⋆ (Σ_c k_c).
+
+    The kernel's gradient follows by autodiff (Σ_c's transpose hands each input channel the
+    folded kernel's gradient, which is exact because the channels are equal). The input's
+    must not be the folded map's (that would put all of it on channel 0): the custom JVP gives
+    the full convolution's tangent in x, so input gradients (trigger optimisation, Hessian-
+    vector products) stay exact, and computes it only when x carries a tangent.
+    """
+    return _blocked_patches_conv(x[..., :1], kernel.sum(axis=2, keepdims=True), stride, padding)
+
+
+def _equal_channels_conv_jvp(stride: int, padding: int, primals, tangents):
+    x, kernel = primals
+    dx, dk = tangents
+    y = _equal_channels_conv(x, kernel, stride, padding)
+    dy = None
+    if not isinstance(dk, SymbolicZero):
+        dy = _equal_channels_conv(x, dk, stride, padding)
+    if not isinstance(dx, SymbolicZero):
+        term = _blocked_patches_conv(dx, kernel, stride, padding)
+        dy = term if dy is None else dy + term
+    return y, (jnp.zeros_like(y) if dy is None else dy)
+
+
+_equal_channels_conv.defjvp(_equal_channels_conv_jvp, symbolic_zeros=True)
 
 
 def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

@@ -38,3 +38,23 @@ def conv2d_nhwc_kernel_grad(
             ]
             dk[i, j] = np.einsum("byxc,byxo->co", win, g)
     return dk
+
+
+def conv2d_nhwc_input_grad(
+    g: np.ndarray, k: np.ndarray, xshape: tuple[int, ...], stride: int, pad: int
+) -> np.ndarray:
+    """∂/∂x of Σ out·g for the convolution above: each output pixel hands window
+    xpad[b, y·s + i, x·s + j, c] the amount Σ_o g[b, y, x, o] · k[i, j, c, o]; the padding's
+    share is dropped. In float64."""
+    g = np.asarray(g, np.float64)
+    k = np.asarray(k, np.float64)
+    kh, kw = k.shape[0], k.shape[1]
+    b, h, w, c = xshape
+    dxpad = np.zeros((b, h + 2 * pad, w + 2 * pad, c))
+    _, oh, ow, _ = g.shape
+    for yy in range(oh):
+        for xx in range(ow):
+            dxpad[:, yy * stride : yy * stride + kh, xx * stride : xx * stride + kw, :] += (
+                np.einsum("bo,ijco->bijc", g[:, yy, xx, :], k)
+            )
+    return dxpad[:, pad : pad + h, pad : pad + w, :]
