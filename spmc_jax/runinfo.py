@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -35,6 +36,48 @@ def device_info() -> dict[str, Any]:
     }
 
 
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The host CPU: float32 results can differ in their last digits between CPU models (XLA
+    generates different code for them), so a run records which one it ran on.
+
+    Linux: `vendor_id`, `model name`, `cpu family`, `model`, `stepping` of the first processor
+    in /proc/cpuinfo (None where absent); elsewhere `platform.processor()` as the model name.
+    """
+    keys = {
+        "vendor_id": "vendor",
+        "model name": "model_name",
+        "cpu family": "family",
+        "model": "model",
+        "stepping": "stepping",
+    }
+    out: dict[str, Any] = dict.fromkeys(keys.values())
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's block
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            out[keys[key.strip()]] = value.strip()
+    if out["model_name"] is None:
+        out["model_name"] = platform.processor() or None
+    out["logical_cpus"] = os.cpu_count()
+    return out
+
+
+def numerics() -> dict[str, Any]:
+    """The engine's module-level switches: each changes results only in float32 summation
+    order, so a run records the ones it ran with (an in-process caller may have flipped one)."""
+    from spmc_jax import engine
+    from spmc_jax.models import layers
+
+    return {
+        "fold_equal_channels": layers.FOLD_EQUAL_CHANNELS,
+        "im2col_batch_block": layers.IM2COL_BATCH_BLOCK,
+        "sort_chunks_by_steps": engine.SORT_CHUNKS_BY_STEPS,
+    }
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
@@ -57,6 +100,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_info(),
         "device": device_info(),
+        "numerics": numerics(),
         "git_commit": git_commit(),
     }

@@ -95,6 +95,9 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     assert summary["learned"] is True  # A > 30 % is far above chance (10 %)
     assert summary["config"]["defense"] == "fedavg"
     assert summary["environment"]["device"]["backend"] == "cpu"
+    # Which CPU and which numeric switches: both move float32 results in their last digits.
+    assert summary["environment"]["cpu"]["logical_cpus"] == os.cpu_count()
+    assert summary["environment"]["numerics"]["fold_equal_channels"] is True
     # The command line splits the CPU into one device per core, and the 4 clients train
     # sharded over them (issue 14): 2 devices on a 2-core machine, 1 on one core.
     cores = len(os.sched_getaffinity(0))
