@@ -18,7 +18,7 @@ weights are compared with every other's (max |diff|: float32 summation order, or
 changed augmentation for `no-crop`).
 
     python benchmarks/cpu_levers.py --defense fedavg --variants block-none block-8 block-4
-    python benchmarks/cpu_levers.py --defense fedavg spmc --variants block-8 no-fold
+    python benchmarks/cpu_levers.py --defense spmc --variants block-8 no-fold
 """
 
 from __future__ import annotations
