@@ -213,20 +213,19 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
     epochs = sim.plan.epochs
     sizes = np.asarray(sim.plan.partition.sizes)
     run_e, compile_s = engine_round(sim)
-    run_c = run_nf = None
-    if args.compare_contiguous:  # the same round, clients on devices in contiguous id blocks
+    # Other engine builds of the same round, timed in the same interleave (name -> run).
+    others = {}
+    if args.compare_contiguous:  # clients on devices in contiguous id blocks
         sim_c = build_simulation(defense, args, ds, balance=False)
-        run_c = engine_round(sim_c)[0]
-    if args.compare_no_fold:  # the same round, the stem always convolving all 3 channels
+        others["engine_contiguous"] = engine_round(sim_c)[0]
+    if args.compare_no_fold:  # the stem always convolving all 3 channels
         # A Simulation of its own: a jitted function reuses its trace, whatever the flag.
-        run_nf = engine_round(build_simulation(defense, args, ds), fold=False)[0]
+        others["engine_no_fold"] = engine_round(build_simulation(defense, args, ds), fold=False)[0]
     run_t = torch_round(torch, sim, defense, epochs, args.seed)
     secs: dict[str, list[float]] = {"engine": []} | {f"pytorch_{t}t": [] for t in args.threads}
     ratios: dict[str, list[float]] = {f"pytorch_{t}t": [] for t in args.threads}
-    if run_c is not None:
-        secs["engine_contiguous"], ratios["engine_contiguous"] = [], []
-    if run_nf is not None:
-        secs["engine_no_fold"], ratios["engine_no_fold"] = [], []
+    for name in others:
+        secs[name], ratios[name] = [], []
     for th in args.threads:  # warm-up (oneDNN primitive caches, thread pools)
         torch.set_num_threads(th)
         run_t(limit=3)
@@ -236,18 +235,12 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         run_e()
         e = time.perf_counter() - t0
         secs["engine"].append(e)
-        if run_c is not None:
+        for name, run_o in others.items():
             t0 = time.perf_counter()
-            run_c()
-            c = time.perf_counter() - t0
-            secs["engine_contiguous"].append(c)
-            ratios["engine_contiguous"].append(c / e)
-        if run_nf is not None:
-            t0 = time.perf_counter()
-            run_nf()
-            nf = time.perf_counter() - t0
-            secs["engine_no_fold"].append(nf)
-            ratios["engine_no_fold"].append(nf / e)
+            run_o()
+            o = time.perf_counter() - t0
+            secs[name].append(o)
+            ratios[name].append(o / e)
         for th in args.threads:
             torch.set_num_threads(th)
             t0 = time.perf_counter()
@@ -257,8 +250,7 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
             ratios[f"pytorch_{th}t"].append(t / e)
         print(
             f"  {defense}: engine {e:.2f} s, "
-            + (f"contiguous {secs['engine_contiguous'][-1]:.2f} s, " if run_c else "")
-            + (f"no fold {secs['engine_no_fold'][-1]:.2f} s, " if run_nf else "")
+            + "".join(f"{_LABELS[n]} {secs[n][-1]:.2f} s, " for n in others)
             + ", ".join(
                 f"pytorch {th} thr {secs[f'pytorch_{th}t'][-1]:.2f} s" for th in args.threads
             ),
@@ -306,6 +298,10 @@ def _device_steps(sim: Simulation) -> dict[str, list[int]] | None:
         "balanced": placement["steps"],
         "contiguous": steps.reshape(len(placement["steps"]), -1).sum(axis=1).tolist(),
     }
+
+
+# The other engine builds' names in the printed lines.
+_LABELS = {"engine_contiguous": "contiguous", "engine_no_fold": "no fold"}
 
 
 def _fmt(st: dict[str, Any], digits: int = 2) -> str:
@@ -394,12 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         parts = [f"{d:>7} ({r['local_epochs']} epochs, {r['client_steps']} steps)"]
         parts.append(f"engine {_fmt(r['engine'])} s")
-        if "engine_contiguous" in r:
-            n = "engine_contiguous"
-            parts.append(f"contiguous {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
-        if "engine_no_fold" in r:
-            n = "engine_no_fold"
-            parts.append(f"no fold {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
+        for n, label in _LABELS.items():
+            if n in r:
+                parts.append(f"{label} {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
         for th in args.threads:
             n = f"pytorch_{th}t"
             parts.append(f"pytorch {th} thr {_fmt(r[n])} s (ratio {_fmt(r['ratio'][n])})")
