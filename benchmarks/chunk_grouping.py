@@ -76,7 +76,10 @@ def build(args: argparse.Namespace, defense: str, variant: str):
     engine.SORT_CHUNKS_BY_STEPS = variant != "id_order"
     try:
         t0 = time.perf_counter()
-        fn = jax.jit(lambda s, d: sim.run_rounds(s, d, 1, r0)).lower(state, sim.data).compile()
+        # Nested, run_rounds compiles as part of this jit, so it takes the Simulation's options.
+        opts = sim.compiler_options
+        one = jax.jit(lambda s, d: sim.run_rounds(s, d, 1, r0), compiler_options=opts)
+        fn = one.lower(state, sim.data).compile()
         compile_s = time.perf_counter() - t0
     finally:
         engine.SORT_CHUNKS_BY_STEPS = True

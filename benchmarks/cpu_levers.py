@@ -9,7 +9,10 @@ Variants (each a fresh `Simulation` whose jitted `local_train` is traced under t
   still has to gather the same pixels);
 - `no-fold`: `layers.FOLD_EQUAL_CHANNELS` off, at the default block: the stem convolves all
   3 channels of the (equal-channel, MNIST-kind) images instead of one channel with the
-  kernel summed over channels. The timed client is benign (its batches are clean).
+  kernel summed over channels. The timed client is benign (its batches are clean);
+- `no-dot-fusion`: the default settings, compiled without XLA:CPU's YNNPACK dot fusion
+  (`--cpu-dot-fusion off`; every other variant is compiled with the Simulation's own
+  `compiler_options`, as the engine's round is).
 
 All variants run A B C … A B C … `--repeats` times; per sample: steps/s (wall) and CPU ms per
 step (`time.process_time`, all threads), whose ratio to the first variant's is far less
@@ -52,8 +55,10 @@ def _no_crop(key: jax.Array, x: jax.Array, size: int = 32, pad: int = 4) -> jax.
 
 
 def _settings(name: str) -> dict[str, Any]:
-    """`block-N`, `block-none`, `no-crop` or `no-fold` -> the module settings it traces under."""
+    """A variant's name -> the module settings it traces under (and its compiler options)."""
     default = layers.IM2COL_BATCH_BLOCK
+    if name == "no-dot-fusion":
+        return {"block": default, "crop": pipeline.random_crop, "fold": True, "fusion": "off"}
     if name == "no-crop":
         return {"block": default, "crop": _no_crop, "fold": True}
     if name == "no-fold":
@@ -64,7 +69,9 @@ def _settings(name: str) -> dict[str, Any]:
             return {"block": None, "crop": pipeline.random_crop, "fold": True}
         if v.isdigit() and int(v) > 0:
             return {"block": int(v), "crop": pipeline.random_crop, "fold": True}
-    raise SystemExit(f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold")
+    raise SystemExit(
+        f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold, no-dot-fusion"
+    )
 
 
 def build(defense: str, name: str, steps: int, batch_size: int):
@@ -78,7 +85,12 @@ def build(defense: str, name: str, steps: int, batch_size: int):
             samples=steps * batch_size, batch_size=batch_size, local_epochs=1, client_chunk=None
         )
         sim = round_throughput.bench_simulation(
-            2, defense, args, conv_impl="patches", model="simple_cnn"
+            2,
+            defense,
+            args,
+            conv_impl="patches",
+            model="simple_cnn",
+            cpu_dot_fusion=s.get("fusion", "auto"),
         )
         state = sim.init_state()
         data = sim.data
@@ -88,7 +100,7 @@ def build(defense: str, name: str, steps: int, batch_size: int):
         task = ClientTask(
             data.idx[0], data.sizes[0], data.malicious[0], data.rank[0], jax.random.key(1)
         )
-        local = jax.jit(sim.local_train)
+        local = jax.jit(sim.local_train, compiler_options=sim.compiler_options)
         on = jnp.asarray(True)
 
         def run() -> Any:

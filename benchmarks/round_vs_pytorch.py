@@ -9,7 +9,9 @@ sides and would need a second implementation here). `--gamma G` runs the engine'
 the base backdoor on a fraction G of the clients (PyTorch still without): their poisoned
 batches have an unequal channel 0, so they take the full stem convolution instead of the
 one-channel fold (`layers.FOLD_EQUAL_CHANNELS`) the clean grayscale batches take;
-`--compare-no-fold` also times the engine with the fold off, in the same interleave.
+`--compare-no-fold` also times the engine with the fold off, in the same interleave;
+`--compare-no-dot-fusion` the engine compiled without XLA:CPU's YNNPACK dot fusion
+(`--cpu-dot-fusion off`, spmc_jax/compile_options.py).
 
 - Engine: `Simulation.run_rounds(state, data, 1, r)`, the jitted round (`python -m
   spmc_jax.train --protocol paper` runs the same function), training + aggregation, no
@@ -69,12 +71,18 @@ PAPER_EPOCHS = {"fedavg": 1, "spmc": 10}  # spmc_reference.md §1.4
 
 
 def build_simulation(
-    defense: str, args: argparse.Namespace, ds: Any, balance: bool = True
+    defense: str,
+    args: argparse.Namespace,
+    ds: Any,
+    balance: bool = True,
+    dot_fusion: str = "auto",
 ) -> Simulation:
     """The paper-protocol Simulation of `defense` (SPMC with `--spmc-epochs` local epochs);
-    `balance`: `Config.balance_clients` (clients placed on devices by balanced steps)."""
+    `balance`: `Config.balance_clients` (clients placed on devices by balanced steps);
+    `dot_fusion`: `Config.cpu_dot_fusion`."""
     cfg = Config(
         balance_clients=balance,
+        cpu_dot_fusion=dot_fusion,
         dataset="mnist",
         clients=args.clients,
         rounds=1,
@@ -221,6 +229,9 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
     if args.compare_no_fold:  # the stem always convolving all 3 channels
         # A Simulation of its own: a jitted function reuses its trace, whatever the flag.
         others["engine_no_fold"] = engine_round(build_simulation(defense, args, ds), fold=False)[0]
+    if args.compare_no_dot_fusion:  # XLA:CPU's own loops around each YNNPACK matmul
+        sim_f = build_simulation(defense, args, ds, dot_fusion="off")
+        others["engine_no_dot_fusion"] = engine_round(sim_f)[0]
     run_t = torch_round(torch, sim, defense, epochs, args.seed)
     secs: dict[str, list[float]] = {"engine": []} | {f"pytorch_{t}t": [] for t in args.threads}
     ratios: dict[str, list[float]] = {f"pytorch_{t}t": [] for t in args.threads}
@@ -269,6 +280,7 @@ def bench(defense: str, args: argparse.Namespace, ds: Any, torch) -> dict[str, A
         "client_chunk": sim.client_chunk,
         "gamma": args.gamma,
         "fold_equal_channels": layers.FOLD_EQUAL_CHANNELS,
+        "cpu_dot_fusion": sim.cpu_dot_fusion,
         "client_devices": 1 if sim.mesh is None else int(sim.mesh.size),
         "engine_compile_s": compile_s,
         "compilation_cache": jax.config.jax_compilation_cache_dir,
@@ -301,7 +313,11 @@ def _device_steps(sim: Simulation) -> dict[str, list[int]] | None:
 
 
 # The other engine builds' names in the printed lines.
-_LABELS = {"engine_contiguous": "contiguous", "engine_no_fold": "no fold"}
+_LABELS = {
+    "engine_contiguous": "contiguous",
+    "engine_no_fold": "no fold",
+    "engine_no_dot_fusion": "no dot fusion",
+}
 
 
 def _fmt(st: dict[str, Any], digits: int = 2) -> str:
@@ -348,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the engine with layers.FOLD_EQUAL_CHANNELS off (the stem convolving "
         "all 3 equal channels) in the same interleave; ratio = no-fold s / engine s",
+    )
+    p.add_argument(
+        "--compare-no-dot-fusion",
+        action="store_true",
+        help="also time the engine compiled with --cpu-dot-fusion off (no YNNPACK dot fusion) "
+        "in the same interleave; ratio = no-fusion s / engine s",
     )
     p.add_argument(
         "--gamma",

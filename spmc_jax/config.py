@@ -21,6 +21,8 @@ PARTITIONS = ("dirichlet", "iid")
 PROTOCOLS = ("paper", "fair")
 CONV_IMPLS = ("auto", "lax", "patches")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # = models.precision.COMPUTE_DTYPES (no jax here)
+# XLA:CPU's YNNPACK dot fusion (spmc_jax/compile_options.py): auto = on where it applies.
+CPU_DOT_FUSIONS = ("auto", "ynn", "off")
 SPMC_SPACES = ("weights", "updates")
 SPMC_TEACHERS = ("last_round", "all")
 # Where a client mesh keeps the training images (engine.Simulation._device_data).
@@ -95,6 +97,7 @@ class Config:
     model: str = "simple_cnn"
     conv_impl: str = "auto"
     compute_dtype: str = "float32"
+    cpu_dot_fusion: str = "auto"
     seed: int = 0
     # threat model
     gamma: float = 0.2
@@ -241,6 +244,7 @@ class Config:
         choice("protocol", self.protocol, PROTOCOLS)
         choice("conv_impl", self.conv_impl, CONV_IMPLS)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        choice("cpu_dot_fusion", self.cpu_dot_fusion, CPU_DOT_FUSIONS)
         choice("spmc_space", self.spmc_space, SPMC_SPACES)
         choice("spmc_teachers", self.spmc_teachers, SPMC_TEACHERS)
         choice("client_data", self.client_data, CLIENT_DATA)

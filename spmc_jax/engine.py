@@ -52,6 +52,7 @@ from spmc_jax.client import (
     server_update,
 )
 from spmc_jax.client_hooks import config_hooks
+from spmc_jax.compile_options import Program, compiler_options, resolve_cpu_dot_fusion
 from spmc_jax.config import STREAMABLE_DEFENSES, Config
 from spmc_jax.data import partition as part_lib
 from spmc_jax.data.pipeline import make_test_transform, make_train_transform, pil_bilinear_resize
@@ -681,6 +682,9 @@ class Simulation:
         self.ds = ds
         plan = self.plan
         self.conv_impl = resolve_conv_impl(cfg)
+        # "ynn" or "off"; every program of the federation is compiled with its options.
+        self.cpu_dot_fusion = resolve_cpu_dot_fusion(cfg.cpu_dot_fusion)
+        self.compiler_options = compiler_options(self.cpu_dot_fusion)
         self.model = get_model(cfg.model, ds.num_classes, self.conv_impl, cfg.compute_dtype)
         root = jax.random.key(cfg.seed)
         self.init_key, self.round_key = jax.random.split(root)
@@ -833,8 +837,9 @@ class Simulation:
         self.defense_opts = self._defense_options()
         self.data: SimData | None = self._device_data() if place_data else None
         self._attacker_idx = self._attacker_sample()  # client hooks' ServerContext data
-        self.run_rounds = jax.jit(self._run_rounds, static_argnums=(2,))
-        self.evaluate = jax.jit(self._evaluate)
+        opts = self.compiler_options
+        self.run_rounds = Program(self._run_rounds, opts, static_argnums=(2,))
+        self.evaluate = Program(self._evaluate, opts)
 
     # ---- pieces -------------------------------------------------------------------
     def _defense_options(self) -> dict[str, Any]:

@@ -578,6 +578,7 @@ def _summary(
         "mean_attacker_weight": float(sum(h["attacker_weight"] for h in hist) / len(hist)),
         "r_trigger": sim.r_trigger,
         "conv_impl": sim.conv_impl,
+        "cpu_dot_fusion": sim.cpu_dot_fusion,
         "defense_options_received": sim.defense_opts,  # what the rule was built with
         "data": {
             "name": plan.dataset,
@@ -1542,6 +1543,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, help="local SGD mini-batch size (default: the preset's, else 64)"
     )
     p.add_argument(
+        "--cpu-dot-fusion",
+        help="auto/ynn/off: XLA:CPU's YNNPACK dot fusion, as spmc_jax.train --cpu-dot-fusion "
+        "(default: auto; off reproduces figures measured before it became the default)",
+    )
+    p.add_argument(
         "--data-dir",
         help="directory holding the dataset files (default: as spmc_jax.train --data-dir)",
     )
@@ -1680,6 +1686,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
         attack=args.attack,
         model=args.model,
         batch_size=args.batch_size,
+        cpu_dot_fusion=args.cpu_dot_fusion,
         data_dir=args.data_dir,
         fetch=False if args.no_fetch else None,
     ).validate()
@@ -1720,6 +1727,10 @@ def main(
         spec = spec_from_args(args)
         cell_batch = _cell_batch(args.cell_batch)
         _apply_cpu_devices(args.cpu_devices, cell_batch, cli=cli)
+        from spmc_jax.compile_options import resolve_cpu_dot_fusion
+
+        for c in spec.cells()[:1]:  # one setting for every cell; "ynn" off the CPU: an error
+            resolve_cpu_dot_fusion(spec.config(c).cpu_dot_fusion)
         if args.time_limit is not None and not args.time_limit > 0:
             raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.checkpoint_every < 0:

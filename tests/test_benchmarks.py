@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from spmc_jax.compile_options import ynn_dot_fusion_supported
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -136,7 +138,8 @@ def test_round_vs_pytorch_tiny(tmp_path):
     # SPMC only: its PyTorch client (teacher, two backward passes, projection) is the
     # involved one, and one engine compile keeps the test short.
     argv = "--defense spmc --synthetic 400 --clients 2 --batch-size 16 --repeats 2 --threads 1"
-    extra = ["--compare-contiguous", "--compare-no-fold", "--gamma", "0.5"]
+    extra = ["--compare-contiguous", "--compare-no-fold", "--compare-no-dot-fusion"]
+    extra += ["--gamma", "0.5"]
     assert mod.main([*argv.split(), *extra, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
@@ -158,9 +161,11 @@ def test_round_vs_pytorch_tiny(tmp_path):
     for e, c, r in zip(eng, con, row["ratio"]["engine_contiguous"]["samples"], strict=True):
         assert c > 0 and math.isclose(r, c / e, rel_tol=1e-9)
     assert row["client_order"] is None and row["device_steps"] is None
-    nof = row["engine_no_fold"]["samples"]
-    for e, n, r in zip(eng, nof, row["ratio"]["engine_no_fold"]["samples"], strict=True):
-        assert n > 0 and math.isclose(r, n / e, rel_tol=1e-9)
+    for name in ("engine_no_fold", "engine_no_dot_fusion"):
+        other = row[name]["samples"]
+        for e, n, r in zip(eng, other, row["ratio"][name]["samples"], strict=True):
+            assert n > 0 and math.isclose(r, n / e, rel_tol=1e-9)
+    assert row["cpu_dot_fusion"] == ("ynn" if ynn_dot_fusion_supported() else "off")
     best = row["ratio_vs_best_pytorch"]["samples"]
     assert best == row["ratio"]["pytorch_1t"]["samples"]  # PyTorch's columns only
 
@@ -174,16 +179,20 @@ def test_round_vs_pytorch_rejects_a_bad_gamma_before_any_work():
 def test_cpu_levers_tiny(tmp_path):
     mod = _load("cpu_levers")
     out = tmp_path / "l.json"
-    argv = "--variants block-none block-4 no-fold --steps 1 --repeats 2 --batch-size 8"
+    argv = (
+        "--variants block-none block-4 no-fold no-dot-fusion --steps 1 --repeats 2 --batch-size 8"
+    )
     assert mod.main([*argv.split(), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["block-none", "block-4", "no-fold"]
-    base, blk, nof = rows
+    assert [r["variant"] for r in rows] == ["block-none", "block-4", "no-fold", "no-dot-fusion"]
+    base, blk, nof, nodf = rows
     assert base["max_abs_diff_vs_first"] == 0.0
     # Blocking, and the stem's 3 equal channels convolved without the fold, change only the
     # float32 summation order of one SGD step.
     assert blk["max_abs_diff_vs_first"] < 1e-5
     assert 0.0 < nof["max_abs_diff_vs_first"] < 1e-5
+    # So does compiling without XLA:CPU's YNNPACK dot fusion (1e-5 as above).
+    assert nodf["max_abs_diff_vs_first"] < 1e-5
     for r in rows:
         assert len(r["cpu_ms_per_step"]["samples"]) == 2 and r["steps_per_s"]["median"] > 0
     assert base["wall_speedup"]["samples"] == [1.0, 1.0]

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from spmc_jax.compile_options import ynn_dot_fusion_supported
 from spmc_jax.train import main
 
 
@@ -98,6 +99,8 @@ def test_two_round_run_on_real_mnist_slice(tmp_path, real_dataset):
     # Which CPU and which numeric switches: both move float32 results in their last digits.
     assert summary["environment"]["cpu"]["logical_cpus"] == os.cpu_count()
     assert summary["environment"]["numerics"]["fold_equal_channels"] is True
+    # The CLI's default compiles with XLA:CPU's YNNPACK dot fusion where this jaxlib has it.
+    assert summary["cpu_dot_fusion"] == ("ynn" if ynn_dot_fusion_supported() else "off")
     # The command line splits the CPU into one device per core, and the 4 clients train
     # sharded over them (issue 14): 2 devices on a 2-core machine, 1 on one core.
     cores = len(os.sched_getaffinity(0))

@@ -39,6 +39,7 @@ BAD = [
     (["--protocol", "mine"], ["'mine'", "accepted: paper, fair"]),
     (["--conv-impl", "fft"], ["'fft'", "accepted: auto, lax, patches"]),
     (["--compute-dtype", "float64"], ["'float64'", "accepted: float32, bfloat16"]),
+    (["--cpu-dot-fusion", "on"], ["'on'", "accepted: auto, ynn, off"]),
     (["--spmc-space", "grads"], ["'grads'", "accepted: weights, updates"]),
     (["--spmc-teachers", "some"], ["'some'", "accepted: last_round, all"]),
     (["--client-data", "sharded"], ["'sharded'", "accepted: auto, blocks, replicated"]),
