@@ -7,7 +7,9 @@ LIBRARY_FUSION_TYPE_DOT` hands YNNPACK each product together with its elementwis
 and consumers as one fused call, so those intermediates are not written out and read back.
 Issue 14 (benchmarks/RESULTS.md): one client's SimpleCNN training on one core ran 1.08x
 (FedAvg) and 1.17x (SPMC) faster on an AMD EPYC host, ~1.15x on an Intel Xeon host; weights
-moved by float32 summation order only (max |dw| 7.5e-9 after 10-20 steps).
+moved by float32 summation order only (max |dw| 7.5e-9 after 10-20 steps). It is not a gain
+for every model: on the same AMD host the MLP's rounds ran ~1.3x and ResNet-10's ~1.2x slower
+with it, so `auto` turns it on only for the models in `FUSION_MODELS`.
 
 The option is passed per program (`jax.jit(..., compiler_options=...)`), not through
 `XLA_FLAGS`: it then reaches exactly the programs that ask for it, in-process test runs
@@ -28,6 +30,9 @@ from spmc_jax.config import CPU_DOT_FUSIONS
 
 YNN_DOT_FUSION: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 _OPTIONS: dict[str, dict[str, Any] | None] = {"ynn": YNN_DOT_FUSION, "off": None}
+# Models whose training measured faster with the fusion (RESULTS.md, issue 14, session 11);
+# `auto` leaves it off for the others (mlp, resnet10: slower).
+FUSION_MODELS = ("simple_cnn",)
 
 
 @functools.cache
@@ -56,17 +61,21 @@ def ynn_dot_fusion_supported() -> bool:
     return bool(np.allclose(out, want, rtol=1e-5, atol=1e-6))
 
 
-def resolve_cpu_dot_fusion(setting: str, backend: str | None = None) -> str:
+def resolve_cpu_dot_fusion(
+    setting: str, backend: str | None = None, model: str | None = None
+) -> str:
     """`Config.cpu_dot_fusion` -> "ynn" or "off", for the programs of a run on `backend`.
 
-    "auto": "ynn" on the CPU backend when this jaxlib supports it, else "off". "ynn" where
-    it cannot apply (another backend, or a jaxlib without the option) is a ValueError, raised
-    before any training compiles.
+    "auto": "ynn" on the CPU backend for a model of `FUSION_MODELS` (None: any) when this
+    jaxlib supports it, else "off". "ynn" where it cannot apply (another backend, or a jaxlib
+    without the option) is a ValueError, raised before any training compiles.
     """
     if setting not in CPU_DOT_FUSIONS:
         raise ValueError(f"--cpu-dot-fusion {setting!r}; accepted: {', '.join(CPU_DOT_FUSIONS)}")
     backend = backend or jax.default_backend()
     if setting == "off":
+        return "off"
+    if setting == "auto" and model is not None and model not in FUSION_MODELS:
         return "off"
     if backend != "cpu":
         if setting == "ynn":

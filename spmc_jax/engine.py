@@ -683,7 +683,7 @@ class Simulation:
         plan = self.plan
         self.conv_impl = resolve_conv_impl(cfg)
         # "ynn" or "off"; every program of the federation is compiled with its options.
-        self.cpu_dot_fusion = resolve_cpu_dot_fusion(cfg.cpu_dot_fusion)
+        self.cpu_dot_fusion = resolve_cpu_dot_fusion(cfg.cpu_dot_fusion, model=cfg.model)
         self.compiler_options = compiler_options(self.cpu_dot_fusion)
         self.model = get_model(cfg.model, ds.num_classes, self.conv_impl, cfg.compute_dtype)
         root = jax.random.key(cfg.seed)

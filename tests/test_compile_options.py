@@ -98,6 +98,12 @@ def test_resolution_rules(monkeypatch, supported):
     with pytest.raises(ValueError, match=r"'fast'; accepted: auto, ynn, off"):
         resolve_cpu_dot_fusion("fast", "cpu")
     assert compile_options.compiler_options("off") is None
+    # auto: only for the models it was measured faster on; an explicit ynn for any model.
+    assert resolve_cpu_dot_fusion("auto", "cpu", "simple_cnn") == ("ynn" if supported else "off")
+    for slower in ("mlp", "resnet10"):
+        assert resolve_cpu_dot_fusion("auto", "cpu", slower) == "off"
+        if supported:
+            assert resolve_cpu_dot_fusion("ynn", "cpu", slower) == "ynn"
 
 
 def test_config_names_a_bad_setting():
@@ -118,6 +124,8 @@ def test_the_real_round_is_compiled_with_the_fusion_and_moves_by_float32_order(b
     sims = {f: Simulation(Config(defense="fedavg", cpu_dot_fusion=f, **TINY), blobs) for f in CASES}
     assert sims["auto"].cpu_dot_fusion == "ynn" and sims["off"].cpu_dot_fusion == "off"
     assert sims["auto"].compiler_options == compile_options.YNN_DOT_FUSION
+    mlp = Simulation(Config(defense="fedavg", model="mlp", **TINY), blobs)
+    assert mlp.cpu_dot_fusion == "off" and mlp.compiler_options is None  # measured slower
     # The compiled round itself: the fused dots are there with the option, and not without.
     fused = {f: fused_dots(_round_hlo(s)) for f, s in sims.items()}
     assert fused["auto"] >= 3 and fused["off"] == 0, fused
