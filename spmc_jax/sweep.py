@@ -1729,7 +1729,9 @@ def main(
         _apply_cpu_devices(args.cpu_devices, cell_batch, cli=cli)
         from spmc_jax.compile_options import resolve_cpu_dot_fusion
 
-        for c in spec.cells()[:1]:  # one setting for every cell; "ynn" off the CPU: an error
+        # One setting for every cell (each resolves it for its own model): an explicit "ynn"
+        # that cannot apply here is an error before any cell runs.
+        for c in spec.cells()[:1]:
             resolve_cpu_dot_fusion(spec.config(c).cpu_dot_fusion)
         if args.time_limit is not None and not args.time_limit > 0:
             raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from spmc_jax import sweep
+from spmc_jax.compile_options import ynn_dot_fusion_supported
 from spmc_jax.config import Config
 from spmc_jax.data.synthetic import make_synthetic
 from spmc_jax.engine import balanced_order
@@ -390,17 +391,22 @@ def test_cpu_devices_flag_reaches_the_cells_run(tmp_path, real_dataset):
     # An explicit --cpu-devices N sets the process's CPU split, and the cell's 10 clients
     # train sharded over the largest divisor of 10 that fits: what the cell summary records
     # from the run's client mesh, and the environment's device count.
+    # The first run also forces --cpu-dot-fusion ynn on the smoke preset's MLP (auto leaves
+    # it off there): the cell's Simulation resolves what the flag says.
     real_dataset("mnist")
-    for n, want in ((1, 1), (4, 2)):  # the default split (one per core): the smoke test
+    ynn = "ynn" if ynn_dot_fusion_supported() else "off"
+    for n, want, fusion in ((1, 1, ynn), (4, 2, "auto")):  # default split: the smoke test
         out = tmp_path / f"d{n}"
         r = _cli(
             *("--preset", "smoke", "--defenses", "fedavg", "--rounds", "1"),
             *("--subsample", "3000", "--test-subsample", "100", "--cpu-devices", str(n)),
             *("--out", str(out), "--no-fetch", "--quiet", "--no-jax-cache"),
+            *("--cpu-dot-fusion", fusion),
         )
         assert r.returncode == 0, r.stderr
         (summary,) = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
         assert summary["client_devices"] == want
+        assert summary["cpu_dot_fusion"] == (fusion if fusion != "auto" else "off")
         record = json.loads((out / "sweep.json").read_text())
         assert record["environment"]["device"]["device_count"] == n
         placement = summary["device_placement"]
