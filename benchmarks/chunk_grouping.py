@@ -77,8 +77,7 @@ def build(args: argparse.Namespace, defense: str, variant: str):
     try:
         t0 = time.perf_counter()
         # Nested, run_rounds compiles as part of this jit, so it takes the Simulation's options.
-        opts = sim.compiler_options
-        one = jax.jit(lambda s, d: sim.run_rounds(s, d, 1, r0), compiler_options=opts)
+        one = sim.jit(lambda s, d: sim.run_rounds(s, d, 1, r0))
         fn = one.lower(state, sim.data).compile()
         compile_s = time.perf_counter() - t0
     finally:

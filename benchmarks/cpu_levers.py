@@ -100,7 +100,7 @@ def build(defense: str, name: str, steps: int, batch_size: int):
         task = ClientTask(
             data.idx[0], data.sizes[0], data.malicious[0], data.rank[0], jax.random.key(1)
         )
-        local = jax.jit(sim.local_train, compiler_options=sim.compiler_options)
+        local = sim.jit(sim.local_train)
         on = jnp.asarray(True)
 
         def run() -> Any:

@@ -181,7 +181,7 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
     # (a) one SGD step of one client.
     t0 = time.perf_counter()
     step_c = (
-        jax.jit(sim.client_step, compiler_options=sim.compiler_options)
+        sim.jit(sim.client_step)
         .lower(variables, opt_state, teacher, train, task, attack_on, perm, step_key, s_idx[0])
         .compile()
     )
@@ -202,11 +202,7 @@ def bench_defense(defense: str, args: argparse.Namespace, peak: float) -> dict[s
 
     # (a') one client's local training (lax.scan over its steps).
     t0 = time.perf_counter()
-    local_c = (
-        jax.jit(sim.local_train, compiler_options=sim.compiler_options)
-        .lower(variables, teacher, train, task, attack_on)
-        .compile()
-    )
+    local_c = sim.jit(sim.local_train).lower(variables, teacher, train, task, attack_on).compile()
     compile_local = time.perf_counter() - t0
     t_local = _median_time(
         lambda: local_c(variables, teacher, train, task, attack_on).loss, args.repeats

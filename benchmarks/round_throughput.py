@@ -132,11 +132,8 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
         return ClientTask(data.idx[i], data.sizes[i], data.malicious[i], data.rank[i], keys[i])
 
     teacher = variables  # SPMC: round-0 teachers are the global model
-    opts = sim.compiler_options  # as the engine's round is compiled
-    local = jax.jit(sim.local_train, compiler_options=opts)
-    vm = jax.jit(
-        jax.vmap(sim.local_train, in_axes=(None, None, None, 0, None)), compiler_options=opts
-    )
+    local = sim.jit(sim.local_train)  # compiled as the engine's round is
+    vm = sim.jit(jax.vmap(sim.local_train, in_axes=(None, None, None, 0, None)))
     all_tasks = task(jnp.arange(k))
     if k <= args.vmap_max:
         res["vmap"] = _time(
@@ -155,7 +152,7 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
             out.block_until_ready()
         return out
 
-    step = jax.jit(sim.client_step, compiler_options=opts)
+    step = sim.jit(sim.client_step)
     order = jax.jit(epoch_order)
     opt_init = jax.jit(sim._tx.init)
     sizes = np.asarray(data.sizes)

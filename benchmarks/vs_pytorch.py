@@ -168,7 +168,7 @@ def engine_client(defense: str, steps: int, batch_size: int, conv_impl: str = "a
     teacher = jax.tree.map(lambda a: a * 1.01, variables)
     keys = jax.random.split(jax.random.key(1), 2)
     task = ClientTask(data.idx[0], data.sizes[0], data.malicious[0], data.rank[0], keys[0])
-    local = jax.jit(sim.local_train, compiler_options=sim.compiler_options)
+    local = sim.jit(sim.local_train)
     attack_on = jnp.asarray(True)
 
     def run() -> Any:

@@ -42,7 +42,6 @@ from spmc_jax.aggregators import REGISTRY as AGGREGATORS
 from spmc_jax.attacks import REGISTRY as ATTACKS
 from spmc_jax.attacks import split_names
 from spmc_jax.client import ClientData
-from spmc_jax.compile_options import Program
 from spmc_jax.config import Config
 from spmc_jax.data.types import INPUT_SHAPE, Dataset
 from spmc_jax.engine import (
@@ -196,9 +195,8 @@ class BatchedSimulation:
                 f"{self.sim.mesh.size}; accepted: --devices 1 or --cell-batch 1"
             )
         self.data, self.data_axes = self._device_data(ds)
-        opts = self.sim.compiler_options
-        self.run_rounds = Program(self._run_rounds, opts, static_argnums=(2,))
-        self.evaluate = Program(jax.vmap(self.sim._evaluate, in_axes=(0, self.data_axes, 0)), opts)
+        self.run_rounds = self.sim.jit(self._run_rounds, static_argnums=(2,))
+        self.evaluate = self.sim.jit(jax.vmap(self.sim._evaluate, in_axes=(0, self.data_axes, 0)))
 
     @property
     def size(self) -> int:

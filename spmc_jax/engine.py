@@ -837,9 +837,13 @@ class Simulation:
         self.defense_opts = self._defense_options()
         self.data: SimData | None = self._device_data() if place_data else None
         self._attacker_idx = self._attacker_sample()  # client hooks' ServerContext data
-        opts = self.compiler_options
-        self.run_rounds = Program(self._run_rounds, opts, static_argnums=(2,))
-        self.evaluate = Program(self._evaluate, opts)
+        self.run_rounds = self.jit(self._run_rounds, static_argnums=(2,))
+        self.evaluate = self.jit(self._evaluate)
+
+    def jit(self, fun: Callable[..., Any], **jit_kwargs: Any) -> Program:
+        """`jax.jit(fun, **jit_kwargs)` compiled with this federation's `compiler_options`, as
+        its round and evaluation are (benchmarks timing pieces of the round use it)."""
+        return Program(fun, self.compiler_options, **jit_kwargs)
 
     # ---- pieces -------------------------------------------------------------------
     def _defense_options(self) -> dict[str, Any]:
