@@ -33,6 +33,8 @@ sys.path.insert(0, HERE)
 
 from round_throughput import write_json  # noqa: E402
 
+from spmc_jax.config import MODELS  # noqa: E402
+
 
 def run_pinned(cores: int, args: argparse.Namespace) -> dict[str, Any]:
     """One round_throughput.py run pinned to `cores` cores; its JSON row."""
@@ -44,6 +46,7 @@ def run_pinned(cores: int, args: argparse.Namespace) -> dict[str, Any]:
             "--cores", str(cores),
             "--clients", str(args.clients),
             "--defense", args.defense,
+            "--model", args.model,
             "--seq-max", str(args.clients),
             "--vmap-max", "0",
             "--repeats", str(args.repeats),
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--defense", default="fedavg")
+    p.add_argument("--model", default="simple_cnn", choices=MODELS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-cores", type=int, default=None, help="default: all allowed cores")
     p.add_argument("--json", default=None, help="write the results here")
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     allowed = len(os.sched_getaffinity(0))
     top = min(args.max_cores or allowed, allowed)
     print(
-        f"core scaling: {args.clients} clients, {args.defense}, SimpleCNN batch 64 "
+        f"core scaling: {args.clients} clients, {args.defense}, {args.model} batch 64 "
         f"(round_throughput.py defaults), 1..{top} of {allowed} allowed cores, "
         f"load {os.getloadavg()}"
     )

@@ -12,7 +12,11 @@ Variants (each a fresh `Simulation` whose jitted `local_train` is traced under t
   kernel summed over channels. The timed client is benign (its batches are clean);
 - `no-dot-fusion`: the default settings, compiled without XLA:CPU's YNNPACK dot fusion
   (`--cpu-dot-fusion off`; every other variant is compiled with the Simulation's own
-  `compiler_options`, as the engine's round is).
+  `compiler_options`, as the engine's round is);
+- `xla:KEY=VALUE[,KEY=VALUE...]`: the default settings, compiled with these XLA debug options
+  on top of the Simulation's own (e.g. `xla:xla_cpu_enable_fast_min_max=true`): any option
+  this jaxlib's XLA:CPU accepts, to try it without editing code. Values parse as int, float
+  or true/false, else stay strings (enum names).
 
 All variants run A B C … A B C … `--repeats` times; per sample: steps/s (wall) and CPU ms per
 step (`time.process_time`, all threads), whose ratio to the first variant's is far less
@@ -42,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling benchm
 import round_throughput
 
 from spmc_jax.client import ClientTask
+from spmc_jax.compile_options import Program
 from spmc_jax.data import pipeline
 from spmc_jax.engine import first_block
 from spmc_jax.models import layers
@@ -54,9 +59,39 @@ def _no_crop(key: jax.Array, x: jax.Array, size: int = 32, pad: int = 4) -> jax.
     return x
 
 
+def _option_value(v: str) -> Any:
+    """An `xla:` variant's value as XLA's option parser wants it: bool, int, float or str."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _xla_options(spec: str) -> dict[str, Any]:
+    """`KEY=VALUE[,KEY=VALUE...]` -> {KEY: value}; a SystemExit naming a malformed item."""
+    out = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("xla_") or not value:
+            raise SystemExit(f"variant option {item!r}; accepted: xla_NAME=VALUE")
+        out[key] = _option_value(value)
+    return out
+
+
 def _settings(name: str) -> dict[str, Any]:
     """A variant's name -> the module settings it traces under (and its compiler options)."""
     default = layers.IM2COL_BATCH_BLOCK
+    if name.startswith("xla:"):
+        return {
+            "block": default,
+            "crop": pipeline.random_crop,
+            "fold": True,
+            "extra_options": _xla_options(name.removeprefix("xla:")),
+        }
     if name == "no-dot-fusion":
         return {"block": default, "crop": pipeline.random_crop, "fold": True, "fusion": "off"}
     if name == "no-crop":
@@ -70,7 +105,8 @@ def _settings(name: str) -> dict[str, Any]:
         if v.isdigit() and int(v) > 0:
             return {"block": int(v), "crop": pipeline.random_crop, "fold": True}
     raise SystemExit(
-        f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold, no-dot-fusion"
+        f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold, "
+        "no-dot-fusion, xla:KEY=VALUE[,KEY=VALUE...]"
     )
 
 
@@ -100,7 +136,8 @@ def build(defense: str, name: str, steps: int, batch_size: int):
         task = ClientTask(
             data.idx[0], data.sizes[0], data.malicious[0], data.rank[0], jax.random.key(1)
         )
-        local = sim.jit(sim.local_train)
+        options = {**(sim.compiler_options or {}), **s.get("extra_options", {})}
+        local = Program(sim.local_train, options or None)
         on = jnp.asarray(True)
 
         def run() -> Any:

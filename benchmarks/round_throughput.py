@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spmc_jax.client import ClientTask, epoch_order
-from spmc_jax.config import Config
+from spmc_jax.config import MODELS, Config
 from spmc_jax.data.types import Dataset
 from spmc_jax.engine import Simulation, first_block
 
@@ -103,7 +103,7 @@ def bench_simulation(
 
 def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time one (K, defense, conv_impl) cell."""
-    sim = bench_simulation(k, defense, args, conv_impl=conv_impl)
+    sim = bench_simulation(k, defense, args, conv_impl=conv_impl, model=args.model)
     cfg = sim.cfg
     plan = sim.plan
     steps = int(plan.partition.sizes.min() // cfg.batch_size) * plan.epochs
@@ -115,6 +115,7 @@ def bench_cell(k: int, defense: str, conv_impl: str, args: argparse.Namespace) -
     res: dict[str, Any] = {
         "K": k,
         "defense": defense,
+        "model": sim.cfg.model,
         "conv_impl": sim.conv_impl,
         "client_steps": client_steps,
         "steps_per_client": steps,
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--defense", nargs="+", default=["fedavg", "spmc"])
     p.add_argument("--conv-impl", nargs="+", default=["auto"])
+    p.add_argument("--model", default="simple_cnn", choices=MODELS)
     p.add_argument("--samples", type=int, default=128, help="images per client")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--local-epochs", type=int, default=1)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['cpu_count']} CPUs ({env['cores_used']} used), load {env['loadavg']}"
     )
     print(
-        f"config: SimpleCNN, synthetic MNIST-kind data, {args.samples} images/client, batch "
+        f"config: {args.model}, synthetic MNIST-kind data, {args.samples} images/client, batch "
         f"{args.batch_size}, {args.local_epochs} local epoch(s), chunk {args.client_chunk}"
     )
     rows = []

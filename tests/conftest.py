@@ -12,13 +12,39 @@ import os
 # Tests run on the CPU with deterministic, modest threading.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil
+import tempfile
 from collections.abc import Callable
 
+import jax
 import numpy as np
 import pytest
 
 from spmc_jax.data.sources import DatasetNotFoundError, load_dataset
 from spmc_jax.data.types import Dataset
+
+# One persistent compilation cache per test session, shared by the xdist workers: many tests
+# build the same tiny federations, and a program compiled once is loaded by the others. The
+# controller makes the folder and removes it at the end; workers find it through this
+# variable (not JAX_COMPILATION_CACHE_DIR, which subprocess runs under test would inherit).
+# SPMC_TEST_JAX_CACHE=0 turns it off.
+_CACHE_ENV = "SPMC_TEST_JAX_CACHE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(_CACHE_ENV) == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="spmc_jax-test-jax-cache-")
+        config._spmc_jax_cache_owner = True  # type: ignore[attr-defined]
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "_spmc_jax_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
 
 
 def make_blob_dataset(

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 from spmc_jax.compile_options import ynn_dot_fusion_supported
@@ -26,11 +27,15 @@ def _load(name: str):
 
 def test_round_throughput_tiny(tmp_path):
     out = tmp_path / "r.json"
+    # The MLP: the script's logic is the model's business only through the Simulation, and
+    # the SimpleCNN's four programs would take ~40 s to compile.
     args = "--clients 2 --defense fedavg --samples 64 --repeats 1 --seq-max 1 --vmap-max 2"
-    assert _load("round_throughput").main([*args.split(), "--json", str(out)]) == 0
+    argv = [*args.split(), "--model", "mlp", "--json", str(out)]
+    assert _load("round_throughput").main(argv) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
-    assert row["K"] == 2 and row["client_steps"] == 2 * 1  # 64 images / batch 64, 1 epoch
+    assert row["model"] == "mlp" and row["K"] == 2
+    assert row["client_steps"] == 2 * 1  # 64 images / batch 64, 1 epoch
     for name in ("engine", "vmap", "seq_step", "seq_client"):
         t = row[name]
         assert t["wall_s"] > 0 and math.isclose(
@@ -79,8 +84,8 @@ def test_aggregator_scaling_tiny(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 def test_core_scaling_one_core(tmp_path):
     out = tmp_path / "c.json"
-    argv = ["--clients", "2", "--repeats", "1", "--max-cores", "1", "--json", str(out)]
-    assert _load("core_scaling").main(argv) == 0
+    argv = ["--clients", "2", "--repeats", "1", "--max-cores", "1", "--model", "mlp"]
+    assert _load("core_scaling").main([*argv, "--json", str(out)]) == 0
     (run,) = json.loads(out.read_text())["runs"]
     # One core is the baseline itself: speed-up 1, bound 1 / 1.
     assert run["cores"] == 1 and run["speedup_seq_client"] == 1.0
@@ -180,12 +185,14 @@ def test_cpu_levers_tiny(tmp_path):
     mod = _load("cpu_levers")
     out = tmp_path / "l.json"
     argv = (
-        "--variants block-none block-4 no-fold no-dot-fusion --steps 1 --repeats 2 --batch-size 8"
+        "--variants block-none block-4 no-fold no-dot-fusion xla:xla_cpu_enable_fast_min_max=false"
+        " --steps 1 --repeats 2 --batch-size 8"
     )
     assert mod.main([*argv.split(), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["block-none", "block-4", "no-fold", "no-dot-fusion"]
-    base, blk, nof, nodf = rows
+    names = [r["variant"] for r in rows]
+    assert names == ["block-none", "block-4", "no-fold", "no-dot-fusion", argv.split()[5]]
+    base, blk, nof, nodf, xla = rows
     assert base["max_abs_diff_vs_first"] == 0.0
     # Blocking, and the stem's 3 equal channels convolved without the fold, change only the
     # float32 summation order of one SGD step.
@@ -193,8 +200,16 @@ def test_cpu_levers_tiny(tmp_path):
     assert 0.0 < nof["max_abs_diff_vs_first"] < 1e-5
     # So does compiling without XLA:CPU's YNNPACK dot fusion (1e-5 as above).
     assert nodf["max_abs_diff_vs_first"] < 1e-5
+    # An extra XLA option that keeps IEEE min/max (the default) changes at most the order.
+    assert xla["max_abs_diff_vs_first"] < 1e-5
     for r in rows:
         assert len(r["cpu_ms_per_step"]["samples"]) == 2 and r["steps_per_s"]["median"] > 0
     assert base["wall_speedup"]["samples"] == [1.0, 1.0]
     with pytest.raises(SystemExit, match="accepted: block-none"):
         mod.main(["--variants", "block-x"])
+    with pytest.raises(SystemExit, match="'fast_math'; accepted: xla_NAME=VALUE"):
+        mod.main(["--variants", "xla:fast_math"])
+    # The option really reaches XLA: one it does not know fails the compile.
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
+        bad = ["--variants", "xla:xla_cpu_no_such_option=1"]
+        mod.main([*bad, "--steps", "1", "--batch-size", "8"])

@@ -20,7 +20,8 @@ from tests.reference.conv_oracle import (
 
 def _init(name, impl="lax"):
     m = get_model(name, conv_impl=impl)
-    return m, m.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+    # Jitted: ResNet-10's init op by op compiles each small op on its own (seconds each test).
+    return m, jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
 
 
 def test_simple_cnn_has_reference_parameter_count():
@@ -193,11 +194,13 @@ def test_model_outputs_and_gradients_match_across_conv_impls(name):
         out = m.apply({**v, "params": params}, x, train=False)
         return jnp.sum(out**2)
 
+    # Jitted: op by op, ResNet-10's many small ops each compile on their own (~30 s).
+    apply1, apply2 = jax.jit(m1.apply), jax.jit(m2.apply)
     np.testing.assert_allclose(
-        np.asarray(m1.apply(v, x)), np.asarray(m2.apply(v, x)), rtol=1e-4, atol=1e-5
+        np.asarray(apply1(v, x)), np.asarray(apply2(v, x)), rtol=1e-4, atol=1e-5
     )
-    g1 = jax.grad(loss)(v["params"], m1)
-    g2 = jax.grad(loss)(v["params"], m2)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g1, g2 = grad(v["params"], m1), grad(v["params"], m2)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         # float32 rounding of reordered sums, amplified by the squared-output loss.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4)
@@ -260,8 +263,9 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
         logits = m.apply({"params": params}, x)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)), logits
 
-    (l32, z32), g32 = jax.value_and_grad(loss, has_aux=True)(v["params"], m32)
-    (l16, z16), g16 = jax.value_and_grad(loss, has_aux=True)(v["params"], m16)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l32, z32), g32 = value_and_grad(v["params"], m32)
+    (l16, z16), g16 = value_and_grad(v["params"], m16)
     assert z16.dtype == jnp.float32 and all(
         a.dtype == jnp.float32 for a in jax.tree.leaves(g16)
     )  # master weights and their gradients stay float32

@@ -95,7 +95,10 @@ def test_results_jsonl_has_one_tidy_row_per_cell_and_round(swept):
         for key in ("A", "R", "R_excl_target", "V"):
             assert summary["last5"][key] == pytest.approx(np.mean([r[key] for r in mine]))
         assert summary["rows"] == 2
-        assert summary["timing"]["backend_compile_s"] > 0  # the compile meter saw compiles
+        # The compile meter saw the cell's programs compiled, or loaded from the test
+        # session's persistent cache (conftest) when another test had compiled them.
+        timing = summary["timing"]
+        assert timing["backend_compile_s"] > 0 or timing["cache_hits"] > 0
         # The options the cell's rule was built with (FedAvg: none; SPMC: its flags).
         received = summary["defense_options_received"]
         if summary["defense"] == "spmc":
