@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_engine": base[1] / eng,
             "bound_client_parallel_vs_loop": c / (base[0] / seq),
             "device": r["environment"]["device_kind"],
+            "model": row["model"],
         }
         runs.append(item)
         print(

@@ -84,26 +84,21 @@ def _xla_options(spec: str) -> dict[str, Any]:
 
 def _settings(name: str) -> dict[str, Any]:
     """A variant's name -> the module settings it traces under (and its compiler options)."""
-    default = layers.IM2COL_BATCH_BLOCK
+    base = {"block": layers.IM2COL_BATCH_BLOCK, "crop": pipeline.random_crop, "fold": True}
     if name.startswith("xla:"):
-        return {
-            "block": default,
-            "crop": pipeline.random_crop,
-            "fold": True,
-            "extra_options": _xla_options(name.removeprefix("xla:")),
-        }
+        return {**base, "extra_options": _xla_options(name.removeprefix("xla:"))}
     if name == "no-dot-fusion":
-        return {"block": default, "crop": pipeline.random_crop, "fold": True, "fusion": "off"}
+        return {**base, "fusion": "off"}
     if name == "no-crop":
-        return {"block": default, "crop": _no_crop, "fold": True}
+        return {**base, "crop": _no_crop}
     if name == "no-fold":
-        return {"block": default, "crop": pipeline.random_crop, "fold": False}
+        return {**base, "fold": False}
     if name.startswith("block-"):
         v = name.removeprefix("block-")
         if v == "none":
-            return {"block": None, "crop": pipeline.random_crop, "fold": True}
+            return {**base, "block": None}
         if v.isdigit() and int(v) > 0:
-            return {"block": int(v), "crop": pipeline.random_crop, "fold": True}
+            return {**base, "block": int(v)}
     raise SystemExit(
         f"variant {name!r}; accepted: block-none, block-N (N >= 1), no-crop, no-fold, "
         "no-dot-fusion, xla:KEY=VALUE[,KEY=VALUE...]"

@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -37,9 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
         os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="spmc_jax-test-jax-cache-")
         config._spmc_jax_cache_owner = True  # type: ignore[attr-defined]
-    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from spmc_jax.sweep import enable_jax_cache
+
+    enable_jax_cache(Path(os.environ[_CACHE_ENV]))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -35,6 +35,13 @@ def test_round_throughput_tiny(tmp_path):
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert row["model"] == "mlp" and row["K"] == 2
+    # The round trained the MLP: the flat model has its parameter count, not the SimpleCNN's.
+    from spmc_jax.models import get_model
+
+    shapes = jax.eval_shape(
+        get_model("mlp").init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), "float32")
+    )
+    assert row["dim"] == sum(math.prod(a.shape) for a in jax.tree.leaves(shapes)) != 92_626
     assert row["client_steps"] == 2 * 1  # 64 images / batch 64, 1 epoch
     for name in ("engine", "vmap", "seq_step", "seq_client"):
         t = row[name]
@@ -89,6 +96,7 @@ def test_core_scaling_one_core(tmp_path):
     (run,) = json.loads(out.read_text())["runs"]
     # One core is the baseline itself: speed-up 1, bound 1 / 1.
     assert run["cores"] == 1 and run["speedup_seq_client"] == 1.0
+    assert run["model"] == "mlp"  # as the pinned round_throughput.py run built it
     assert run["bound_client_parallel_vs_loop"] == 1.0 and run["seq_client_s_per_step"] > 0
 
 
